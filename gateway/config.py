@@ -1,0 +1,445 @@
+"""Node configuration: TOML in, typed frozen settings out, validated whole.
+
+Every key the node reads is declared here with its default, and `load_config` reads
+the file once at start-up. Validation never stops at the first problem: it collects
+every error with its dotted key and the line of the file it came from, so
+`mailedge check-config` can print them all, and `mailedge run` refuses to start with
+any of them. Unknown keys are errors too (a misspelt key silently ignored is how
+production outages start).
+
+`config/mailedge.toml` documents every key; `tests/unit/test_config.py` checks that
+the example file and this module agree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+NODE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+
+STAGE_NAMES = ("connect", "helo", "mail", "rcpt", "message")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    key: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line else ""
+        return f"{where}{self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration has one or more problems; `problems` lists them all."""
+
+    def __init__(self, path: Path, problems: list[ConfigProblem]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s)")
+
+    def render(self) -> str:
+        return "\n".join(f"{self.path}: {p}" for p in self.problems)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    name: str = "mailedge"
+    spool_dir: Path = Path("var/spool")
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundSettings:
+    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 2525),)
+    hostname: str = "localhost"
+    max_message_size: int = 36_700_160  # 35 MiB, a common hosting default
+    max_recipients: int = 1000  # RFC 5321 §4.5.3.1.8 asks for at least 100
+    max_connections: int = 2000
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: server timeout 5 minutes
+    min_data_rate: int = 1024  # bytes/s averaged over DATA after the grace below
+    data_rate_grace: float = 30.0
+    max_transaction_time: float = 1800.0
+    max_session_time: float = 3600.0
+    max_concurrent_data: int = 200  # DATA phases buffered in memory at once
+    smuggling: str = "reject"  # "reject" bare CR/LF in DATA with 5xx, or "normalise"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSettings:
+    file: Path = Path("config/tenants.toml")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    lmtp: str | None = None
+    maildir: Path | None = Path("var/mail")
+    lmtp_max_connections: int = 20
+    lmtp_connect_timeout: float = 10.0
+    lmtp_command_timeout: float = 60.0
+    lmtp_data_timeout: float = 300.0
+    backend_pause: float = 30.0  # a failing backend is probed, not hammered, for this long
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    retry_min: float = 60.0
+    retry_max: float = 3600.0
+    lifetime: float = 5 * 86400.0
+    max_active: int = 2000  # messages in delivery at once
+    fsync: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundSettings:
+    smarthost: str | None = None
+    helo_name: str | None = None  # default: [inbound] hostname
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: HostPort | None = HostPort("127.0.0.1", 8025)
+    tenant_label_limit: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    connect: tuple[str, ...] = ()
+    helo: tuple[str, ...] = ()
+    mail: tuple[str, ...] = ()
+    rcpt: tuple[str, ...] = ()
+    message: tuple[str, ...] = ()
+
+    def for_stage(self, stage: str) -> tuple[str, ...]:
+        value: tuple[str, ...] = getattr(self, stage)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    path: Path
+    node: NodeSettings = field(default_factory=NodeSettings)
+    inbound: InboundSettings = field(default_factory=InboundSettings)
+    tenants: TenantSettings = field(default_factory=TenantSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    outbound: OutboundSettings = field(default_factory=OutboundSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+
+
+class _LineFinder:
+    """Finds the line of `[table]` / `key =` in the raw text, for error messages."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def find(self, dotted: str) -> int | None:
+        parts = dotted.split(".")
+        table, key = parts[:-1], parts[-1]
+        in_table = not table
+        header = "[" + ".".join(table) + "]"
+        for number, raw in enumerate(self.lines, start=1):
+            line = raw.strip()
+            if line.startswith("["):
+                in_table = line.split("#", 1)[0].strip() == header
+                if in_table and not key:
+                    return number
+                continue
+            if in_table and re.match(rf"^\"?{re.escape(key)}\"?\s*=", line):
+                return number
+        if table:
+            return self.find(".".join(table) + ".") if key else None
+        return None
+
+
+class _Reader:
+    """Pulls typed values out of the parsed TOML, recording every problem."""
+
+    def __init__(self, data: Mapping[str, Any], lines: _LineFinder, base: Path) -> None:
+        self.data = data
+        self.lines = lines
+        self.base = base
+        self.problems: list[ConfigProblem] = []
+
+    def problem(self, key: str, message: str) -> None:
+        line = self.lines.find(key)
+        if line is None and "." in key:
+            line = self.lines.find(key.rsplit(".", 1)[0] + ".")
+        self.problems.append(ConfigProblem(key, message, line))
+
+    def table(self, name: str, known: set[str]) -> Mapping[str, Any]:
+        raw = self.data.get(name, {})
+        if not isinstance(raw, dict):
+            self.problem(name, "must be a table")
+            return {}
+        for key in raw:
+            if key not in known:
+                self.problem(f"{name}.{key}", "unknown key")
+        return raw
+
+    def get(
+        self,
+        table: Mapping[str, Any],
+        dotted: str,
+        kind: type[T] | tuple[type, ...],
+        default: T,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> T:
+        key = dotted.rsplit(".", 1)[-1]
+        if key not in table:
+            return default
+        value = table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and kind is not bool:
+            self.problem(dotted, f"must be {_kind_name(kind)}, not a boolean")
+            return default
+        if not isinstance(value, kind):
+            self.problem(dotted, f"must be {_kind_name(kind)}, not {type(value).__name__}")
+            return default
+        if check is not None:
+            message = check(value)
+            if message:
+                self.problem(dotted, message)
+                return default
+        return value  # type: ignore[return-value]
+
+    def path(self, table: Mapping[str, Any], dotted: str, default: Path | None) -> Path | None:
+        value = self.get(table, dotted, str, None if default is None else str(default))
+        if value is None or value == "":
+            return None
+        candidate = Path(value)
+        return candidate if candidate.is_absolute() else (self.base / candidate)
+
+    def host_port(self, dotted: str, value: Any) -> HostPort | None:
+        if not isinstance(value, str):
+            self.problem(dotted, "must be a string like '127.0.0.1:2525'")
+            return None
+        parsed = parse_host_port(value)
+        if parsed is None:
+            self.problem(dotted, f"{value!r} is not host:port (IPv6 as [::1]:25)")
+        return parsed
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a table"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+def parse_host_port(value: str) -> HostPort | None:
+    """'127.0.0.1:25', '[::1]:25', 'mx.example:25' -> HostPort; None if malformed."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", value)
+    if not match:
+        return None
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        return None
+    return HostPort(host, port)
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Settings:
+    known_tables = {"node", "inbound", "tenants", "storage", "queue", "outbound", "admin",
+                    "pipeline"}
+    for key in data:
+        if key not in known_tables:
+            reader.problem(key, "unknown table")
+
+    t = reader.table("node", {"name", "spool_dir", "log_level"})
+    node_defaults = NodeSettings()
+    node = NodeSettings(
+        name=reader.get(t, "node.name", str, node_defaults.name,
+                        lambda v: None if NODE_NAME_RE.match(v) else
+                        "must be 1-31 of a-z, 0-9 and '-', starting with a letter or digit"),
+        spool_dir=reader.path(t, "node.spool_dir", node_defaults.spool_dir) or Path("var/spool"),
+        log_level=reader.get(t, "node.log_level", str, "info",
+                             lambda v: None if v in {"debug", "info", "warning", "error"}
+                             else "must be debug, info, warning or error"),
+    )
+
+    t = reader.table("inbound", {
+        "listen", "hostname", "max_message_size", "max_recipients", "max_connections",
+        "tls_cert", "tls_key", "proxy_protocol_from", "command_timeout", "min_data_rate",
+        "data_rate_grace", "max_transaction_time", "max_session_time", "max_concurrent_data",
+        "smuggling"})
+    d = InboundSettings()
+    listen: list[HostPort] = []
+    for item in reader.get(t, "inbound.listen", list, []):
+        hp = reader.host_port("inbound.listen", item)
+        if hp:
+            listen.append(hp)
+    networks = []
+    for item in reader.get(t, "inbound.proxy_protocol_from", list, []):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            reader.problem("inbound.proxy_protocol_from", f"{item!r} is not an address or network")
+    tls_cert = reader.path(t, "inbound.tls_cert", None)
+    tls_key = reader.path(t, "inbound.tls_key", None)
+    if (tls_cert is None) != (tls_key is None):
+        reader.problem("inbound.tls_cert", "tls_cert and tls_key must be set together")
+    max_recipients = reader.get(t, "inbound.max_recipients", int, d.max_recipients,
+                                lambda v: None if v >= 100 else
+                                "must be at least 100 (RFC 5321 §4.5.3.1.8)")
+    inbound = InboundSettings(
+        listen=tuple(listen) if "listen" in t else d.listen,
+        hostname=reader.get(t, "inbound.hostname", str, d.hostname,
+                            lambda v: None if re.fullmatch(r"[A-Za-z0-9.-]+", v)
+                            else "must be a host name"),
+        max_message_size=reader.get(t, "inbound.max_message_size", int, d.max_message_size,
+                                    _positive),
+        max_recipients=max_recipients,
+        max_connections=reader.get(t, "inbound.max_connections", int, d.max_connections,
+                                   _positive),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        proxy_protocol_from=tuple(networks),
+        command_timeout=reader.get(t, "inbound.command_timeout", float, d.command_timeout,
+                                   _positive),
+        min_data_rate=reader.get(t, "inbound.min_data_rate", int, d.min_data_rate,
+                                 lambda v: None if v >= 0 else "must not be negative"),
+        data_rate_grace=reader.get(t, "inbound.data_rate_grace", float, d.data_rate_grace,
+                                   _positive),
+        max_transaction_time=reader.get(t, "inbound.max_transaction_time", float,
+                                        d.max_transaction_time, _positive),
+        max_session_time=reader.get(t, "inbound.max_session_time", float, d.max_session_time,
+                                    _positive),
+        max_concurrent_data=reader.get(t, "inbound.max_concurrent_data", int,
+                                       d.max_concurrent_data, _positive),
+        smuggling=reader.get(t, "inbound.smuggling", str, d.smuggling,
+                             lambda v: None if v in {"reject", "normalise"}
+                             else "must be 'reject' or 'normalise'"),
+    )
+    if "listen" in t and not listen and not any(p.key == "inbound.listen"
+                                                for p in reader.problems):
+        reader.problem("inbound.listen", "must name at least one address")
+
+    t = reader.table("tenants", {"file"})
+    tenants = TenantSettings(
+        file=reader.path(t, "tenants.file", TenantSettings().file) or TenantSettings().file)
+
+    t = reader.table("storage", {"lmtp", "maildir", "lmtp_max_connections",
+                                 "lmtp_connect_timeout", "lmtp_command_timeout",
+                                 "lmtp_data_timeout", "backend_pause"})
+    s = StorageSettings()
+    lmtp = reader.get(t, "storage.lmtp", str, None,
+                      lambda v: None if v.startswith("unix:") or parse_host_port(v)
+                      else "must be host:port or unix:/path")
+    storage = StorageSettings(
+        lmtp=lmtp,
+        # Without an explicit maildir, Maildir is the default only while no LMTP is set.
+        maildir=(reader.path(t, "storage.maildir", None) if "maildir" in t
+                 else None if lmtp else reader.path({}, "storage.maildir", s.maildir)),
+        lmtp_max_connections=reader.get(t, "storage.lmtp_max_connections", int,
+                                        s.lmtp_max_connections, _positive),
+        lmtp_connect_timeout=reader.get(t, "storage.lmtp_connect_timeout", float,
+                                        s.lmtp_connect_timeout, _positive),
+        lmtp_command_timeout=reader.get(t, "storage.lmtp_command_timeout", float,
+                                        s.lmtp_command_timeout, _positive),
+        lmtp_data_timeout=reader.get(t, "storage.lmtp_data_timeout", float,
+                                     s.lmtp_data_timeout, _positive),
+        backend_pause=reader.get(t, "storage.backend_pause", float, s.backend_pause,
+                                 _positive),
+    )
+    if storage.lmtp is None and storage.maildir is None:
+        reader.problem("storage", "set storage.lmtp or storage.maildir")
+
+    t = reader.table("queue", {"retry_min", "retry_max", "lifetime", "max_active", "fsync"})
+    q = QueueSettings()
+    queue = QueueSettings(
+        retry_min=reader.get(t, "queue.retry_min", float, q.retry_min, _positive),
+        retry_max=reader.get(t, "queue.retry_max", float, q.retry_max, _positive),
+        lifetime=reader.get(t, "queue.lifetime", float, q.lifetime, _positive),
+        max_active=reader.get(t, "queue.max_active", int, q.max_active, _positive),
+        fsync=reader.get(t, "queue.fsync", bool, q.fsync),
+    )
+    if queue.retry_max < queue.retry_min:
+        reader.problem("queue.retry_max", "must not be smaller than queue.retry_min")
+
+    t = reader.table("outbound", {"smarthost", "helo_name", "timeout"})
+    smarthost = reader.get(t, "outbound.smarthost", str, None,
+                           lambda v: None if v == "" or parse_host_port(v)
+                           else "must be host:port")
+    outbound = OutboundSettings(
+        smarthost=smarthost or None,
+        helo_name=reader.get(t, "outbound.helo_name", str, None),
+        timeout=reader.get(t, "outbound.timeout", float, OutboundSettings().timeout, _positive),
+    )
+
+    t = reader.table("admin", {"listen", "tenant_label_limit"})
+    admin_listen: HostPort | None = AdminSettings().listen
+    if "listen" in t:
+        admin_listen = None if t["listen"] == "" else reader.host_port("admin.listen",
+                                                                       t["listen"])
+    admin = AdminSettings(
+        listen=admin_listen,
+        tenant_label_limit=reader.get(t, "admin.tenant_label_limit", int,
+                                      AdminSettings().tenant_label_limit, _positive),
+    )
+
+    t = reader.table("pipeline", set(STAGE_NAMES))
+    stages: dict[str, tuple[str, ...]] = {}
+    for stage in STAGE_NAMES:
+        names = reader.get(t, f"pipeline.{stage}", list, [])
+        if not all(isinstance(n, str) for n in names):
+            reader.problem(f"pipeline.{stage}", "must be a list of filter names")
+            names = []
+        stages[stage] = tuple(names)
+    pipeline = PipelineSettings(**stages)
+
+    return Settings(path=path, node=node, inbound=inbound, tenants=tenants, storage=storage,
+                    queue=queue, outbound=outbound, admin=admin, pipeline=pipeline)
+
+
+def load_config(path: Path) -> Settings:
+    """Read and validate the whole file; raise ConfigError listing every problem.
+
+    Relative paths in the file are relative to the directory the node runs in
+    (the working directory), like Postfix's queue_directory; this keeps the example
+    config usable straight from a checkout.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [ConfigProblem("(file)", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line_match = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(path, [ConfigProblem(
+            "(syntax)", str(exc), int(line_match.group(1)) if line_match else None)]) from None
+    reader = _Reader(data, _LineFinder(text), Path.cwd())
+    settings = _read_settings(data, reader, path)
+    if reader.problems:
+        raise ConfigError(path, reader.problems)
+    return settings
