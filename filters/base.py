@@ -122,8 +122,8 @@ class RecipientView(Protocol):
 class EnvelopeView(Protocol):
     @property
     def sender(self) -> str: ...  # "" for the null sender
-    @property
     # accepted so far; at MESSAGE only the tenant's own
+    @property
     def recipients(self) -> Sequence[RecipientView]: ...
     @property
     def current_recipient(self) -> RecipientView | None: ...  # at RCPT only
