@@ -1,0 +1,92 @@
+"""Prometheus metrics of one node, per tenant, with a cap on tenant label values.
+
+A hosting provider may have tens of thousands of tenants; one time series per tenant
+per counter would swamp Prometheus. The first `tenant_label_limit` tenants seen get
+their own label value, the rest are counted under `other` (and "-" stands for mail
+with no tenant yet, e.g. refused before a recipient was known).
+
+Each node process owns its own registry, so tests can run several nodes in one
+process and read each node's counters separately.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OTHER = "other"
+NO_TENANT = "-"
+
+
+class TenantLabels:
+    """Maps tenant ids to label values, keeping at most `limit` distinct ones."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, tenant: str | None) -> str:
+        if not tenant:
+            return NO_TENANT
+        if tenant in self._known:
+            return tenant
+        with self._lock:
+            if len(self._known) < self.limit:
+                self._known.add(tenant)
+                return tenant
+        return OTHER
+
+
+class Metrics:
+    def __init__(self, tenant_label_limit: int = 200) -> None:
+        self.registry = CollectorRegistry()
+        self.tenant = TenantLabels(tenant_label_limit)
+        r = self.registry
+        self.connections = Counter("mailedge_connections", "SMTP connections accepted",
+                                   registry=r)
+        self.active_sessions = Gauge("mailedge_active_sessions", "Open SMTP sessions",
+                                     registry=r)
+        self.accepted = Counter("mailedge_messages_accepted",
+                                "Message copies accepted (250) per tenant", ["tenant"],
+                                registry=r)
+        self.recipients_accepted = Counter("mailedge_recipients_accepted",
+                                           "Recipients accepted at RCPT", ["tenant"],
+                                           registry=r)
+        self.rejected = Counter("mailedge_rejected",
+                                "Refusals by stage and reason (permanent and temporary)",
+                                ["tenant", "stage", "reason"], registry=r)
+        self.quarantined = Counter("mailedge_messages_quarantined",
+                                   "Message copies held in a tenant's quarantine", ["tenant"],
+                                   registry=r)
+        self.delivered = Counter("mailedge_recipients_delivered",
+                                 "Recipients delivered to storage", ["tenant"], registry=r)
+        self.deferred = Counter("mailedge_recipients_deferred",
+                                "Delivery attempts that ended in a temporary failure",
+                                ["tenant"], registry=r)
+        self.bounced = Counter("mailedge_recipients_bounced",
+                               "Recipients failed permanently after acceptance (DSN due)",
+                               ["tenant"], registry=r)
+        self.dsn_sent = Counter("mailedge_dsn_generated", "DSNs queued", registry=r)
+        self.queue_depth = Gauge("mailedge_queue_messages", "Messages in the queue", ["state"],
+                                 registry=r)
+        self.filter_seconds = Histogram("mailedge_filter_seconds", "Time spent per filter",
+                                        ["filter", "stage", "action"], registry=r,
+                                        buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10))
+        self.spool_commit_seconds = Histogram(
+            "mailedge_spool_commit_seconds", "Time from end of data to durable spool",
+            registry=r, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
+
+    def reject(self, tenant: str | None, stage: str, reason: str) -> None:
+        self.rejected.labels(self.tenant(tenant), stage, reason).inc()
+
+    def observe_filter(self) -> Callable[[str, object, object, float], None]:
+        def observe(name: str, stage: object, action: object, seconds: float) -> None:
+            self.filter_seconds.labels(name, getattr(stage, "value", str(stage)),
+                                       getattr(action, "value", str(action))).observe(seconds)
+        return observe
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

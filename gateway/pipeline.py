@@ -1,0 +1,181 @@
+"""Runs the configured filters per stage; owns timeouts, errors and held denials.
+
+For each stage the filters named in `[pipeline]` run in order; the first verdict
+other than CONTINUE settles the stage. A filter that raises or overruns its timeout
+gets its own `on_error` action (TEMPFAIL unless it is advisory), so a broken
+dependency means "try later", never "let everything through". Every call leaves a
+line in the results record and in the filter metrics.
+
+The pipeline does not decide what a verdict means for the SMTP dialogue: the SMTP
+handler holds CONNECT/HELO/MAIL denials until RCPT and combines MESSAGE verdicts of
+several tenants (see `combine_message_verdicts`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from filters.base import (
+    CONTINUE,
+    Action,
+    EnvelopeView,
+    Filter,
+    MessageView,
+    Outcome,
+    ResultEntry,
+    Results,
+    SessionInfo,
+    Stage,
+    TenantView,
+    Verdict,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PipelineConfigError(Exception):
+    """The configured pipeline names unknown filters or misplaces them."""
+
+
+class FilterContext:
+    """The Context a filter sees; note() writes to the transaction's results."""
+
+    def __init__(self, stage: Stage, session: SessionInfo, envelope: EnvelopeView,
+                 tenant: TenantView | None, message: MessageView | None, services: Any,
+                 results: Results) -> None:
+        self._stage = stage
+        self._session = session
+        self._envelope = envelope
+        self._tenant = tenant
+        self._message = message
+        self._services = services
+        self._results = results
+        self.current_filter = ""
+
+    @property
+    def stage(self) -> Stage:
+        return self._stage
+
+    @property
+    def session(self) -> SessionInfo:
+        return self._session
+
+    @property
+    def envelope(self) -> EnvelopeView:
+        return self._envelope
+
+    @property
+    def tenant(self) -> TenantView | None:
+        return self._tenant
+
+    @property
+    def message(self) -> MessageView | None:
+        return self._message
+
+    @property
+    def services(self) -> Any:
+        return self._services
+
+    def note(self, outcome: Outcome, detail: str = "") -> None:
+        self._results.add(ResultEntry(self.current_filter, self._stage, outcome, detail,
+                                      None if self._tenant is None else self._tenant.id))
+
+
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    verdict: Verdict
+    filter: str  # "" when no filter settled the stage
+
+
+class Pipeline:
+    def __init__(self, stages: Mapping[Stage, Sequence[Filter]], observe: Any = None) -> None:
+        self.stages = {stage: tuple(stages.get(stage, ())) for stage in Stage}
+        self._observe = observe  # callable(filter, stage, action, seconds) for metrics
+
+    @classmethod
+    def from_names(cls, names: Mapping[str, Sequence[str]], registry: Mapping[str, type[Filter]],
+                   observe: Any = None) -> Pipeline:
+        problems: list[str] = []
+        built: dict[str, Filter] = {}
+        stages: dict[Stage, list[Filter]] = {}
+        for stage in Stage:
+            for name in names.get(stage.value, ()):
+                cls_ = registry.get(name)
+                if cls_ is None:
+                    problems.append(f"pipeline.{stage.value}: unknown filter {name!r} "
+                                    f"(known: {', '.join(sorted(registry)) or 'none'})")
+                    continue
+                if stage not in cls_.stages:
+                    problems.append(f"pipeline.{stage.value}: filter {name!r} runs only at "
+                                    + ", ".join(s.value for s in sorted(cls_.stages,
+                                                                        key=_order)))
+                    continue
+                instance = built.setdefault(name, cls_())
+                stages.setdefault(stage, []).append(instance)
+        if problems:
+            raise PipelineConfigError("\n".join(problems))
+        return cls(stages, observe)
+
+    def describe(self) -> str:
+        lines = []
+        for stage in Stage:
+            filters = self.stages[stage]
+            listed = ", ".join(f"{f.name} (timeout {f.timeout:g}s, on error "
+                               f"{f.on_error.value})" for f in filters) or "-"
+            lines.append(f"{stage.value:8} {listed}")
+        lines.append("rcpt     built in before the filters: recipient verification against "
+                     "the tenant directory")
+        return "\n".join(lines)
+
+    async def run(self, ctx: FilterContext) -> StageResult:
+        for filt in self.stages[ctx.stage]:
+            ctx.current_filter = filt.name
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(filt.timeout):
+                    verdict = await filt.check(ctx)
+            except Exception as exc:  # any failure becomes on_error
+                reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+                log.warning("session=%s filter %s failed at %s: %s", ctx.session.session_id,
+                            filt.name, ctx.stage.value, reason, exc_info=not isinstance(
+                                exc, TimeoutError))
+                ctx.note(Outcome.ERROR, reason)
+                verdict = Verdict(filt.on_error, reason=f"{filt.name} {reason}")
+            if self._observe is not None:
+                self._observe(filt.name, ctx.stage, verdict.action,
+                              time.perf_counter() - started)
+            if verdict.action is not Action.CONTINUE:
+                return StageResult(verdict, filt.name)
+        return StageResult(CONTINUE, "")
+
+
+def _order(stage: Stage) -> int:
+    return list(Stage).index(stage)
+
+
+@dataclass(frozen=True, slots=True)
+class Combined:
+    """The one SMTP answer for a message shared by several tenants."""
+
+    action: Action  # ACCEPT (250), TEMPFAIL (4xx) or REJECT (5xx)
+    reply_from: str | None  # tenant whose verdict supplied the 4xx/5xx reply
+
+
+def combine_message_verdicts(verdicts: Mapping[str, Verdict]) -> Combined:
+    """Most cautious common answer (DESIGN: scan once, decide per tenant).
+
+    4xx if any tenant's verdict is TEMPFAIL; 5xx only if every tenant rejects; else
+    250, and the copies of tenants that would reject go to their quarantine.
+    """
+    tempfailed = [t for t, v in verdicts.items() if v.action is Action.TEMPFAIL]
+    if tempfailed:
+        return Combined(Action.TEMPFAIL, tempfailed[0])
+    rejected = [t for t, v in verdicts.items() if v.action is Action.REJECT]
+    if rejected and len(rejected) == len(verdicts):
+        return Combined(Action.REJECT, rejected[0])
+    return Combined(Action.ACCEPT, None)
