@@ -1,1 +1,1 @@
-"""mailedge gateway: the node (config, listeners, SMTP session, pipeline, spool, queue, delivery)."""
+"""mailedge gateway: the node: config, listeners, SMTP session, pipeline, spool, queue."""

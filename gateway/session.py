@@ -77,6 +77,7 @@ class Transaction:
     mail_params: dict[str, str]
     started: float = field(default_factory=time.monotonic)
     recipients: list[AcceptedRecipient] = field(default_factory=list)
+    accepted_rcpt_commands: int = 0  # duplicates included: what the limit counts
     tenants: dict[str, Tenant] = field(default_factory=dict)
     results: Results = field(default_factory=Results)
     declared_size: int = 0

@@ -1,0 +1,186 @@
+"""The composition root: builds every part of a node from its settings and wires them.
+
+This is the only module that picks implementations (file directory or API client,
+LMTP or Maildir storage, outbound agent) and owns start-up and shutdown order:
+
+    start:  spool → queue recovery (delivery begins) → SMTP listeners → admin
+    stop:   listeners (no new mail) → sessions drain → queue → agents → admin
+
+Nothing here decides anything about mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from datetime import UTC, datetime
+
+from filters import REGISTRY
+from gateway.admin import AdminServer
+from gateway.config import Settings
+from gateway.delivery import DeliveryAgent, Outcome
+from gateway.dsn import FailedRecipient, build_dsn, should_send_dsn
+from gateway.inbound import Inbound
+from gateway.lmtp_agent import LmtpAgent
+from gateway.maildir import MaildirAgent
+from gateway.metrics import Metrics
+from gateway.outbound import OutboundAgent
+from gateway.pipeline import Pipeline
+from gateway.quarantine import Quarantine
+from gateway.queue import Queue, QueueEntry
+from gateway.router import StorageRouter
+from gateway.session import header_end
+from gateway.smtp_handler import Listener
+from gateway.spool import Envelope, Failed, QueueIdFactory, Spool, SpoolFS, SpoolRecipient
+from tenant_api_client import FileDirectory, TenantDirectory
+
+log = logging.getLogger(__name__)
+
+
+def build_pipeline(settings: Settings, metrics: Metrics | None = None) -> Pipeline:
+    names = {stage: settings.pipeline.for_stage(stage)
+             for stage in ("connect", "helo", "mail", "rcpt", "message")}
+    return Pipeline.from_names(names, REGISTRY,
+                               observe=metrics.observe_filter() if metrics else None)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    cert, key = settings.inbound.tls_cert, settings.inbound.tls_key
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Node:
+    def __init__(self, settings: Settings, *, spool_fs: SpoolFS | None = None,
+                 directory: TenantDirectory | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics(settings.admin.tenant_label_limit)
+        self.directory = directory or FileDirectory(settings.tenants.file)
+        self.pipeline = build_pipeline(settings, self.metrics)
+        self.spool = Spool(settings.node.spool_dir,
+                           fs=spool_fs or SpoolFS(fsync=settings.queue.fsync))
+        self.quarantine = Quarantine(settings.node.spool_dir / "quarantine", self.spool.fs)
+        self.ids = QueueIdFactory(settings.node.name)
+        storage = settings.storage
+        self._lmtp_agents: dict[str, LmtpAgent] = {}
+        self.maildir = MaildirAgent(storage.maildir, fsync=settings.queue.fsync) \
+            if storage.maildir is not None else None
+        self.outbound = OutboundAgent(helo_name=settings.outbound.helo_name
+                                      or settings.inbound.hostname,
+                                      smarthost=settings.outbound.smarthost, resolver=None,
+                                      timeout=settings.outbound.timeout)
+        self.router = StorageRouter(self.directory, default_lmtp=storage.lmtp,
+                                    lmtp_agent=self._lmtp_agent, maildir_agent=self.maildir,
+                                    outbound_agent=self.outbound,
+                                    backend_pause=storage.backend_pause)
+        self.queue = Queue(self.spool, self.router, settings.queue, self.metrics,
+                           on_failures=self._report_failures)
+        self.inbound = Inbound(settings, self.directory, self.pipeline, self.spool, self.queue,
+                               self.quarantine, self.metrics, self.ids)
+        self.admin = AdminServer(self.metrics, self.queue, self.ready,
+                                 str(settings.node.spool_dir))
+        self.servers: list[asyncio.Server] = []
+        self.listener: Listener | None = None
+        self.shutdown_grace = 5.0
+        self.ports: list[int] = []
+        self.admin_port: int | None = None
+
+    def _lmtp_agent(self, endpoint: str) -> DeliveryAgent:
+        agent = self._lmtp_agents.get(endpoint)
+        if agent is None:
+            s = self.settings.storage
+            agent = LmtpAgent(endpoint, lhlo_name=self.settings.inbound.hostname,
+                              max_connections=s.lmtp_max_connections,
+                              connect_timeout=s.lmtp_connect_timeout,
+                              command_timeout=s.lmtp_command_timeout,
+                              data_timeout=s.lmtp_data_timeout)
+            self._lmtp_agents[endpoint] = agent
+        return agent
+
+    async def start(self) -> None:
+        recovered = await self.queue.start()
+        self.listener = Listener(self.inbound, self.settings.inbound, self.metrics,
+                                 tls_context(self.settings))
+        loop = asyncio.get_running_loop()
+        for address in self.settings.inbound.listen:
+            server = await loop.create_server(self.listener, address.host, address.port,
+                                              reuse_address=True, backlog=1024)
+            self.servers.append(server)
+            for sock in server.sockets:
+                self.ports.append(sock.getsockname()[1])
+            log.info("smtp listening on %s (port %d)", address, self.ports[-1])
+        admin = self.settings.admin.listen
+        if admin is not None:
+            await self.admin.start(admin.host, admin.port)
+            self.admin_port = admin.port
+        log.info("node %s ready: pid %d, %d message(s) recovered from the spool",
+                 self.settings.node.name, os.getpid(), recovered)
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        if self.listener is not None:
+            await self.listener.close_sessions(grace=self.shutdown_grace)
+        await self.queue.stop()
+        for agent in self._lmtp_agents.values():
+            await agent.aclose()
+        if self.maildir is not None:
+            await self.maildir.aclose()
+        await self.outbound.aclose()
+        await self.admin.stop()
+        await self.directory.aclose()
+        self.spool.close()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.servers:
+            return False, "listeners not started"
+        if not self.directory.ready():
+            return False, "tenant directory not answering"
+        if not os.access(self.spool.queue_dir, os.W_OK):
+            return False, "spool not writable"
+        return True, "ok"
+
+    async def _report_failures(self, entry: QueueEntry, message: bytes) -> None:
+        """Queue one DSN for the entry's failed recipients, unless it must not get one."""
+        env = entry.envelope
+        headers = message[:env.header_size or header_end(message)]
+        send, why = should_send_dsn(sender=env.sender, original_headers=headers,
+                                    spam=env.spam or env.dsn)
+        if not send:
+            log.info("queue=%s no DSN: %s", env.id, why)
+            return
+        failed = [FailedRecipient(address=env.recipients[i].mailbox,
+                                  original_address=env.recipients[i].address,
+                                  outcome=_outcome(record), last_attempt=_dt(record.at))
+                  for i, record in sorted(entry.failed.items())]
+        dsn_id = self.ids.new()
+        host = self.settings.inbound.hostname
+        dsn = build_dsn(reporting_mta=host, queue_id=env.id, original_sender=env.sender,
+                        original_headers=headers, failed=failed,
+                        arrival_date=_dt(env.received), dsn_id=dsn_id,
+                        postmaster=f"postmaster@{host}")
+        tenant = env.recipients[next(iter(entry.failed))].tenant
+        dsn_env = Envelope(id=dsn_id, sender="", recipients=(SpoolRecipient(
+            address=env.sender, mailbox=env.sender, tenant=tenant, kind="remote"),),
+            received=time.time(), dsn=True, header_size=header_end(dsn))
+        await self.spool.commit(dsn_env, dsn)
+        self.metrics.dsn_sent.inc()
+        log.info("queue=%s DSN %s queued to <%s> for %d recipient(s)", env.id, dsn_id,
+                 env.sender, len(failed))
+        self.queue.submit(dsn_env, dsn)
+
+
+def _dt(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _outcome(record: Failed) -> Outcome:
+    return Outcome(record.code, record.status, record.text, record.remote)

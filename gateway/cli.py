@@ -1,0 +1,266 @@
+"""The `mailedge` command: run a node, check a configuration, inspect the pipeline and queue.
+
+    mailedge run            --config PATH
+    mailedge check-config   --config PATH
+    mailedge print-pipeline --config PATH [--tenant T]
+    mailedge queue list|show ID|retry ID|delete ID --config PATH
+    mailedge dev-cert       [--dir var/tls] [--hostname NAME]
+
+`queue` talks to the running node's admin API (`[admin] listen`), so the node's
+in-memory schedule and the spool stay in agreement; with the node stopped, `list`
+and `show` read the spool directly and `delete` removes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ConfigError, Settings, load_config
+from gateway.pipeline import PipelineConfigError
+from tenant_api_client import InvalidData
+from tenant_api_client.filedir import FileDirectory
+
+DEFAULT_CONFIG = "config/mailedge.toml"
+log = logging.getLogger("mailedge")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(path: str) -> Settings:
+    try:
+        return load_config(Path(path))
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_config(path: str) -> int:
+    """Validate the whole configuration and tenant directory; print every problem."""
+    problems: list[str] = []
+    try:
+        settings = load_config(Path(path))
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    try:
+        FileDirectory(settings.tenants.file)
+    except InvalidData as exc:
+        problems.append(exc.render(str(settings.tenants.file)))
+    try:
+        from gateway.app import build_pipeline
+
+        build_pipeline(settings)
+    except PipelineConfigError as exc:
+        problems.extend(f"{path}: {line}" for line in str(exc).splitlines())
+    for cert in (settings.inbound.tls_cert, settings.inbound.tls_key):
+        if cert is not None and not cert.exists():
+            problems.append(f"{path}: inbound.tls_cert/tls_key: {cert} does not exist")
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
+    print(f"{path}: ok ({settings.tenants.file}: ok)")
+    return 0
+
+
+def print_pipeline(path: str, tenant: str | None) -> int:
+    settings = _load(path)
+    from gateway.app import build_pipeline
+
+    try:
+        pipeline = build_pipeline(settings)
+    except PipelineConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(pipeline.describe())
+    if tenant is not None:
+        directory = FileDirectory(settings.tenants.file)
+        found = asyncio.run(directory.tenant(tenant))
+        if found is None:
+            print(f"no tenant {tenant!r}", file=sys.stderr)
+            return 1
+        print(f"tenant {found.id}: domains {', '.join(found.domains)}; policy "
+              + ", ".join(f"{k}={v}" for k, v in found.policy.as_mapping().items()))
+    return 0
+
+
+async def _run_node(settings: Settings) -> None:
+    from gateway.app import Node
+
+    node = Node(settings)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await node.stop()
+
+
+def run(path: str) -> int:
+    settings = _load(path)
+    _setup_logging(settings.node.log_level)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(_run_node(settings))
+    except InvalidData as exc:
+        print(exc.render(str(settings.tenants.file)), file=sys.stderr)
+        return 2
+    except PipelineConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mailedge: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _admin(settings: Settings, method: str, path: str) -> Any:
+    admin = settings.admin.listen
+    if admin is None:
+        raise ConnectionError("no [admin] listen configured")
+    request = urllib.request.Request(f"http://{admin}{path}", method=method)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def queue_command(path: str, action: str, queue_id: str | None) -> int:
+    settings = _load(path)
+    if action in ("show", "retry", "delete") and not queue_id:
+        print(f"mailedge queue {action} needs a queue id", file=sys.stderr)
+        return 2
+    routes = {"list": ("GET", "/queue"), "show": ("GET", f"/queue/{queue_id}"),
+              "retry": ("POST", f"/queue/{queue_id}/retry" if queue_id else "/queue/retry"),
+              "delete": ("DELETE", f"/queue/{queue_id}")}
+    method, url = routes[action]
+    try:
+        result = _admin(settings, method, url)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            print(f"no message {queue_id} in the queue", file=sys.stderr)
+            return 1
+        raise
+    except (ConnectionError, urllib.error.URLError, TimeoutError):
+        return _queue_offline(settings, action, queue_id)
+    _print_queue(action, result)
+    return 0
+
+
+def _print_queue(action: str, result: Any) -> None:
+    if action == "list":
+        if not result:
+            print("queue is empty")
+        for entry in result:
+            pending = sum(1 for r in entry["recipients"] if r["state"] == "pending")
+            received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["received"]))
+            print(f"{entry['id']}  {received}"
+                  f"  <{entry['sender']}>  {len(entry['recipients'])} rcpt, {pending} pending,"
+                  f" {entry['attempts']} attempt(s)"
+                  + (f"  last: {entry['last_error']}" if entry["last_error"] else ""))
+    else:
+        print(json.dumps(result, indent=2))
+
+
+def _queue_offline(settings: Settings, action: str, queue_id: str | None) -> int:
+    """The node is not running: work on the spool files directly."""
+    from gateway.admin import entry_summary
+    from gateway.queue import QueueEntry
+    from gateway.spool import Spool
+
+    spool = Spool(settings.node.spool_dir, threads=1)
+    try:
+        ids = [queue_id] if queue_id else list(spool.queued_ids())
+        if action == "retry":
+            print("node not running: every queued message is retried when it starts")
+            return 0
+        summaries = []
+        for qid in ids:
+            assert qid is not None
+            if not spool.msg_path(qid).exists():
+                print(f"no message {qid} in the queue", file=sys.stderr)
+                return 1
+            if action == "delete":
+                spool.remove_sync(qid)
+                print(json.dumps({"id": qid, "deleted": True}))
+                return 0
+            envelope, _ = spool.load_sync(qid)
+            entry = QueueEntry(envelope)
+            for record in spool.load_state_sync(qid):
+                entry.apply(record)
+            summaries.append(entry_summary(entry))
+        _print_queue(action, summaries if action == "list" else summaries[0])
+        return 0
+    finally:
+        spool.close()
+
+
+def dev_cert(directory: Path, hostname: str) -> int:
+    if (directory / "cert.pem").exists() and (directory / "key.pem").exists():
+        return 0
+    from gateway.devcert import make_self_signed
+
+    cert, key = make_self_signed(directory, hostname)
+    print(f"wrote self-signed {cert} and {key} for {hostname}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mailedge", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=DEFAULT_CONFIG, help="path to mailedge.toml")
+        return p
+
+    with_config(commands.add_parser("run", help="run a node"))
+    with_config(commands.add_parser("check-config", help="validate config and tenants"))
+    pp = with_config(commands.add_parser("print-pipeline", help="show the filter order"))
+    pp.add_argument("--tenant")
+    dc = commands.add_parser("dev-cert", help="make a self-signed TLS pair if missing")
+    dc.add_argument("--dir", default="var/tls")
+    dc.add_argument("--hostname", default="localhost")
+    qp = with_config(commands.add_parser("queue", help="inspect or act on the queue"))
+    qp.add_argument("action", choices=["list", "show", "retry", "delete"])
+    qp.add_argument("id", nargs="?")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        return run(args.config)
+    if args.command == "check-config":
+        return check_config(args.config)
+    if args.command == "print-pipeline":
+        return print_pipeline(args.config, args.tenant)
+    if args.command == "dev-cert":
+        return dev_cert(Path(args.dir), args.hostname)
+    if args.command == "queue":
+        with contextlib.suppress(BrokenPipeError):
+            return queue_command(args.config, args.action, args.id)
+        return 0
+    parser.error("unknown command")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,303 @@
+"""What the inbound SMTP dialogue decides, stage by stage, free of wire details.
+
+The SMTP handler parses commands and frames replies; this module decides them:
+
+* CONNECT, HELO, MAIL run their filters. A REJECT or TEMPFAIL there is *held* on the
+  session and applied at RCPT, in the tenant's context, so postmaster@ and abuse@
+  stay reachable (RFC 5321 §4.5.1 requires postmaster to be).
+* RCPT resolves the recipient through the tenant directory (the built-in check that
+  keeps the node from ever being an open relay: only hosted mailboxes are accepted),
+  applies held denials, then runs the RCPT filters with the tenant known.
+* DATA runs the MESSAGE filters once per tenant of the transaction, combines the
+  tenants' verdicts into one reply (most cautious common answer), writes every copy
+  durably (queue, or the tenant's quarantine) and only then answers 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from filters.base import Action, Reply, Stage, Verdict
+from gateway import replies
+from gateway.addresses import Address
+from gateway.config import Settings
+from gateway.headers import received_header, remove_forged_auth_results
+from gateway.metrics import Metrics
+from gateway.pipeline import FilterContext, Pipeline, combine_message_verdicts
+from gateway.quarantine import Quarantine
+from gateway.queue import Queue
+from gateway.session import (
+    AcceptedRecipient,
+    EnvelopeViewImpl,
+    HeldDenial,
+    MessageData,
+    Session,
+    SessionView,
+    TenantViewImpl,
+    Transaction,
+    header_end,
+)
+from gateway.spool import Envelope, QueueIdFactory, Spool, SpoolError, SpoolFull, SpoolRecipient
+from tenant_api_client import Recipient, TenantDirectory, Unavailable, Unknown
+
+log = logging.getLogger(__name__)
+
+# Local parts that stay reachable whatever a reputation or policy check held against
+# the client: the addresses a blocked sender needs to ask why (RFC 5321 §4.5.1, RFC 2142).
+ALWAYS_REACHABLE = frozenset({"postmaster", "abuse"})
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What filters may use (ctx.services)."""
+
+    directory: TenantDirectory
+
+
+@dataclass(frozen=True, slots=True)
+class DataOutcome:
+    reply: Reply
+    queue_ids: tuple[str, ...] = ()
+
+
+class Inbound:
+    def __init__(self, settings: Settings, directory: TenantDirectory, pipeline: Pipeline,
+                 spool: Spool, queue: Queue, quarantine: Quarantine, metrics: Metrics,
+                 ids: QueueIdFactory) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.pipeline = pipeline
+        self.spool = spool
+        self.queue = queue
+        self.quarantine = quarantine
+        self.metrics = metrics
+        self.ids = ids
+        self.services = Services(directory=directory)
+        self.hostname = settings.inbound.hostname
+
+    # -- stages before RCPT -----------------------------------------------------------
+
+    def _context(self, stage: Stage, session: Session, txn: Transaction | None,
+                 current: AcceptedRecipient | None = None,
+                 recipients: Sequence[AcceptedRecipient] = (),
+                 tenant: TenantViewImpl | None = None,
+                 message: MessageData | None = None) -> FilterContext:
+        size = message.size if message else (txn.declared_size if txn else 0)
+        results = txn.results if txn is not None else session.results
+        return FilterContext(stage, SessionView(session),
+                             EnvelopeViewImpl(txn, recipients, current, size), tenant, message,
+                             self.services, results)
+
+    async def _early_stage(self, stage: Stage, session: Session,
+                           txn: Transaction | None) -> None:
+        result = await self.pipeline.run(self._context(stage, session, txn))
+        if result.verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            log.info("session=%s held %s from %s at %s: %s", session.session_id,
+                     result.verdict.action.value, result.filter, stage.value,
+                     result.verdict.reason)
+            session.held.append(HeldDenial(stage, result.filter, result.verdict))
+
+    async def connect(self, session: Session) -> None:
+        await self._early_stage(Stage.CONNECT, session, None)
+
+    async def helo(self, session: Session) -> None:
+        await self._early_stage(Stage.HELO, session, None)
+
+    async def mail(self, session: Session, txn: Transaction) -> Reply:
+        # MAIL denials are held with the others, and forgotten with the transaction.
+        session.held = [h for h in session.held if h.stage is not Stage.MAIL]
+        await self._early_stage(Stage.MAIL, session, txn)
+        return replies.SENDER_OK
+
+    # -- RCPT -------------------------------------------------------------------------
+
+    async def rcpt(self, session: Session, txn: Transaction, address: Address) -> Reply:
+        if txn.accepted_rcpt_commands >= self.settings.inbound.max_recipients:
+            self.metrics.reject(None, "rcpt", "too_many_recipients")
+            return replies.TOO_MANY_RECIPIENTS
+        if address.domain.startswith("["):
+            # Address literals name a host, not a hosted domain: never relay.
+            return self._refuse(session, None, "relay", replies.RELAY_DENIED, address)
+        try:
+            found = await self.directory.lookup_recipient(address.lookup_local,
+                                                          address.lookup_domain)
+            tenant = None
+            if isinstance(found, Recipient):
+                tenant = txn.tenants.get(found.tenant) or await self.directory.tenant(
+                    found.tenant)
+        except Unavailable as exc:
+            log.warning("session=%s rcpt=<%s> directory unavailable: %s", session.session_id,
+                        address.text, exc)
+            self.metrics.reject(None, "rcpt", "directory_unavailable")
+            return replies.DIRECTORY_UNAVAILABLE
+        if isinstance(found, Unknown):
+            if found.domain_hosted:
+                return self._refuse(session, found.tenant, "unknown_user", replies.NO_SUCH_USER,
+                                    address)
+            return self._refuse(session, None, "relay", replies.RELAY_DENIED, address)
+        if tenant is None:
+            log.error("session=%s rcpt=<%s> tenant %s missing from the directory",
+                      session.session_id, address.text, found.tenant)
+            return replies.DIRECTORY_UNAVAILABLE
+        if found.disabled:
+            return self._refuse(session, found.tenant, "disabled", replies.MAILBOX_DISABLED,
+                                address)
+        if found.over_quota:
+            return self._refuse(session, found.tenant, "over_quota", replies.OVER_QUOTA,
+                                address)
+        accepted = AcceptedRecipient(address, found)
+        if session.held and address.lookup_local not in ALWAYS_REACHABLE:
+            held = session.held[0]
+            reply = held.verdict.reply or (replies.DEFAULT_REJECT
+                                           if held.verdict.action is Action.REJECT
+                                           else replies.DEFAULT_TEMPFAIL)
+            return self._refuse(session, found.tenant, f"{held.stage.value}:{held.filter}",
+                                reply, address)
+        tenant_view = TenantViewImpl(tenant)
+        ctx = self._context(Stage.RCPT, session, txn, current=accepted,
+                            recipients=txn.recipients, tenant=tenant_view)
+        result = await self.pipeline.run(ctx)
+        if result.verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            reply = result.verdict.reply or (replies.DEFAULT_REJECT
+                                             if result.verdict.action is Action.REJECT
+                                             else replies.DEFAULT_TEMPFAIL)
+            return self._refuse(session, found.tenant, f"rcpt:{result.filter}", reply, address)
+        txn.tenants[tenant.id] = tenant
+        txn.accepted_rcpt_commands += 1
+        if all(r.lookup_key != accepted.lookup_key for r in txn.recipients):
+            txn.recipients.append(accepted)
+        self.metrics.recipients_accepted.labels(self.metrics.tenant(tenant.id)).inc()
+        log.info("session=%s rcpt=<%s> tenant=%s mailbox=%s accepted", session.session_id,
+                 address.text, tenant.id, found.address)
+        return replies.RECIPIENT_OK
+
+    def _refuse(self, session: Session, tenant: str | None, reason: str, reply: Reply,
+                address: Address) -> Reply:
+        self.metrics.reject(tenant, "rcpt", reason)
+        log.info("session=%s rcpt=<%s> refused (%s): %s", session.session_id, address.text,
+                 reason, reply)
+        return reply
+
+    # -- DATA -------------------------------------------------------------------------
+
+    async def data(self, session: Session, txn: Transaction, content: bytes) -> DataOutcome:
+        """Decide per tenant, write every copy durably, then (and only then) accept."""
+        started = time.perf_counter()
+        queue_id = self.ids.new()
+        header_len = header_end(content)
+        header, removed = remove_forged_auth_results(content[:header_len], self.hostname)
+        if removed:
+            log.info("session=%s removed %d forged Authentication-Results header(s)",
+                     session.session_id, removed)
+        single = txn.recipients[0].address if len(txn.recipients) == 1 else None
+        trace = received_header(helo=session.helo, client_ip=session.client_ip, rdns=None,
+                                hostname=self.hostname, protocol=self._protocol(session, txn),
+                                queue_id=queue_id, recipient=single)
+        message = trace + header + content[header_len:]
+        message_view = MessageData(message, len(trace) + len(header))
+
+        by_tenant: dict[str, list[AcceptedRecipient]] = defaultdict(list)
+        for recipient in txn.recipients:
+            by_tenant[recipient.tenant].append(recipient)
+        tenant_ids = list(by_tenant)
+        verdicts_list = await asyncio.gather(*(
+            self.pipeline.run(self._context(
+                Stage.MESSAGE, session, txn, recipients=by_tenant[t],
+                tenant=TenantViewImpl(txn.tenants[t]), message=message_view))
+            for t in tenant_ids))
+        verdicts = {t: r.verdict for t, r in zip(tenant_ids, verdicts_list, strict=True)}
+        settled_by = {t: r.filter for t, r in zip(tenant_ids, verdicts_list, strict=True)}
+        combined = combine_message_verdicts(verdicts)
+        if combined.action is not Action.ACCEPT:
+            tenant = combined.reply_from
+            assert tenant is not None
+            verdict = verdicts[tenant]
+            default = (replies.DEFAULT_TEMPFAIL if combined.action is Action.TEMPFAIL
+                       else replies.DEFAULT_MESSAGE_REJECT)
+            for t in tenant_ids:
+                self.metrics.reject(t, "data", settled_by[t] or "policy")
+            log.info("session=%s data %s (%s by %s for tenant %s): %s", session.session_id,
+                     combined.action.value, verdict.reason, settled_by[tenant], tenant,
+                     verdict.reply or default)
+            return DataOutcome(verdict.reply or default)
+
+        # Which copies go where: one queued copy per distinct set of added headers,
+        # and a quarantine copy for each tenant whose checks refused or held it.
+        deliver: dict[tuple[tuple[str, str], ...], list[AcceptedRecipient]] = defaultdict(list)
+        quarantine: list[tuple[str, Verdict]] = []
+        for t in tenant_ids:
+            verdict = verdicts[t]
+            if verdict.action in (Action.REJECT, Action.QUARANTINE):
+                policy = txn.tenants[t].policy.rejected_copies
+                if verdict.action is Action.REJECT and policy == "discard":
+                    log.info("session=%s tenant %s copy discarded by policy (%s)",
+                             session.session_id, t, verdict.reason)
+                    continue
+                quarantine.append((t, verdict))
+            elif verdict.action is Action.DISCARD:
+                log.info("session=%s tenant %s copy discarded: %s", session.session_id, t,
+                         verdict.reason)
+            else:
+                deliver[tuple(verdict.add_headers)].extend(by_tenant[t])
+
+        envelopes: list[tuple[Envelope, bytes]] = []
+        for index, (added, recipients) in enumerate(deliver.items()):
+            copy_id = queue_id if index == 0 else self.ids.new()
+            envelopes.append((self._envelope(copy_id, session, txn, recipients, message_view),
+                              _with_headers(message, len(trace), added)))
+        try:
+            await asyncio.gather(
+                *(self.spool.commit(env, data) for env, data in envelopes),
+                *(self.quarantine.store(t, self._envelope(
+                    f"{queue_id}-q", session, txn, by_tenant[t], message_view),
+                    message, f"{settled_by[t]}: {v.reason}") for t, v in quarantine))
+        except (SpoolError, OSError) as exc:
+            # All or nothing: a copy that did get written must not be delivered, since
+            # the client will send the whole message again after our 4xx.
+            for env, _ in envelopes:
+                await self.spool.remove(env.id)
+            log.error("session=%s spool write failed: %s", session.session_id, exc)
+            self.metrics.reject(None, "data", "spool")
+            full = isinstance(exc, SpoolFull) or getattr(exc, "errno", None) in (28, 122)
+            return DataOutcome(replies.SPOOL_FULL if full else replies.LOCAL_ERROR)
+        self.metrics.spool_commit_seconds.observe(time.perf_counter() - started)
+        for env, data in envelopes:
+            self.queue.submit(env, data)
+            for t in {r.tenant for r in env.recipients}:
+                self.metrics.accepted.labels(self.metrics.tenant(t)).inc()
+        for t, verdict in quarantine:
+            self.metrics.quarantined.labels(self.metrics.tenant(t)).inc()
+            log.info("session=%s queue=%s-q tenant %s copy quarantined: %s",
+                     session.session_id, queue_id, t, verdict.reason)
+        ids = tuple(env.id for env, _ in envelopes)
+        log.info("session=%s from=<%s> size=%d nrcpt=%d queued=%s", session.session_id,
+                 txn.sender_text, len(message), len(txn.recipients), ",".join(ids) or "-")
+        return DataOutcome(Reply(250, "2.0.0", f"Ok: queued as {queue_id}"), ids)
+
+    def _envelope(self, queue_id: str, session: Session, txn: Transaction,
+                  recipients: Sequence[AcceptedRecipient], message: MessageData) -> Envelope:
+        return Envelope(
+            id=queue_id, sender=txn.sender_text,
+            recipients=tuple(SpoolRecipient(address=r.address, mailbox=r.lookup_key,
+                                            tenant=r.tenant) for r in recipients),
+            received=time.time(), client_ip=session.client_ip, helo=session.helo or "",
+            smtputf8=txn.smtputf8, eight_bit=txn.eight_bit, header_size=message.header_size)
+
+    @staticmethod
+    def _protocol(session: Session, txn: Transaction) -> str:
+        base = "UTF8SMTP" if txn.smtputf8 else ("ESMTP" if session.esmtp else "SMTP")
+        return base + ("S" if session.tls else "")
+
+
+def _with_headers(message: bytes, at: int, headers: Sequence[tuple[str, str]]) -> bytes:
+    if not headers:
+        return message
+    added = b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+                     for name, value in headers)
+    return message[:at] + added + message[at:]
+

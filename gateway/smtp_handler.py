@@ -1,0 +1,553 @@
+"""The SMTP front: the only module that imports aiosmtpd.
+
+Theory of operation
+-------------------
+We subclass aiosmtpd's `SMTP` protocol for what it does well (the asyncio stream
+plumbing, STARTTLS with its injection guard, the PROXY protocol parser) and replace
+its command loop and DATA reader with our own, because we need what it lacks:
+
+* command lines must end in CRLF (a bare LF is refused, RFC 5321 §2.3.8), and are
+  limited to 512 octets plus what the extensions we advertise add (§4.5.3.1.4);
+  longer ones get 500 5.5.2;
+* DATA is read in bulk (one `readuntil` per chunk, not per line), ends only at
+  CRLF.CRLF, and bare CR or LF inside it never ends it: they are normalised to CRLF
+  or the message is refused, per `[inbound] smuggling` — so no `\\n.\\n` variant can
+  smuggle a second message through us to a lenient downstream;
+* long lines inside DATA are kept as they are (never rewrapped: that breaks DKIM);
+* timeouts: 5 minutes idle per command (§4.5.3.2), and during DATA a minimum data
+  rate after a grace period plus a whole-transaction deadline, so a client trickling
+  bytes cannot hold a session for ever;
+* PIPELINING advertised and honoured: commands are answered strictly in order;
+* every reply carries an enhanced status code and bland text; exceptions are logged
+  with the session id and answered 451 4.3.0, never with their names.
+
+What each command *means* is decided in `gateway.inbound`; this module only parses
+and frames. PROXY protocol headers are read only from `[inbound] proxy_protocol_from`
+addresses; anyone else's connection is plain SMTP from its own address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import SMTP as AioSMTP
+
+from filters.base import Reply
+from gateway import replies
+from gateway.addresses import AddressError, SMTPUTF8Required, parse_command_arg, parse_path
+from gateway.config import InboundSettings
+from gateway.inbound import Inbound
+from gateway.metrics import Metrics
+from gateway.session import Session, Transaction, new_session_id
+
+log = logging.getLogger(__name__)
+
+COMMAND_LINE_LIMIT = 512  # RFC 5321 §4.5.3.1.4, including CRLF
+# RFC 5321 §4.5.3.1.4: extensions may raise the limit. SIZE adds 26 (RFC 1870),
+# BODY=8BITMIME 14 (RFC 6152), SMTPUTF8 10 (RFC 6531); we add slack for future DSN
+# parameters rather than refuse a legitimate client.
+MAIL_LINE_LIMIT = COMMAND_LINE_LIMIT + 26 + 14 + 10 + 100
+RCPT_LINE_LIMIT = COMMAND_LINE_LIMIT + 100
+STREAM_LIMIT = 65536  # bytes one readuntil may buffer before handing us a chunk
+MAX_ERRORS = 20  # syntax or sequence errors before we hang up (RFC 5321 §4.3.2 allows it)
+PROXY_TIMEOUT = 10.0
+DATA_SLOT_WAIT = 30.0
+
+
+class _NoHooks:
+    """aiosmtpd finds hooks by name; we call gateway.inbound explicitly instead."""
+
+
+class GatewaySMTP(AioSMTP):
+    """One instance per connection."""
+
+    line_length_limit = STREAM_LIMIT
+
+    def __init__(self, inbound: Inbound, settings: InboundSettings, metrics: Metrics,
+                 tls_context: ssl.SSLContext | None, data_slots: asyncio.Semaphore,
+                 active: Callable[[int], int], live: set[GatewaySMTP]) -> None:
+        super().__init__(
+            _NoHooks(),
+            data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.hostname,
+            ident="ESMTP mailedge",
+            tls_context=tls_context,
+            timeout=settings.command_timeout,
+            auth_require_tls=True,
+        )
+        self.inbound = inbound
+        self.settings = settings
+        self.metrics = metrics
+        self.data_slots = data_slots
+        self.active = active
+        self.live = live
+        self.gw: Session | None = None
+        self.txn: Transaction | None = None
+        self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
+            "EHLO": self.cmd_EHLO, "HELO": self.cmd_HELO, "MAIL": self.cmd_MAIL,
+            "RCPT": self.cmd_RCPT, "DATA": self.cmd_DATA, "RSET": self.cmd_RSET,
+            "NOOP": self.cmd_NOOP, "QUIT": self.cmd_QUIT, "VRFY": self.cmd_VRFY,
+            "EXPN": self.cmd_EXPN, "HELP": self.cmd_HELP, "STARTTLS": self.cmd_STARTTLS,
+        }
+        self._closing = False
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def reply(self, reply: Reply) -> None:
+        if reply.status:
+            await self.push(f"{reply.code} {reply.status} {reply.text}")
+        else:
+            await self.push(f"{reply.code} {reply.text}")
+
+    async def reply_and_close(self, reply: Reply) -> None:
+        self._closing = True
+        try:
+            await self.reply(reply)
+        except (ConnectionError, OSError):
+            pass
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2: the server may close after its timeout; say why first.
+        if self.gw is not None:
+            log.info("session=%s idle timeout", self.gw.session_id)
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(b"421 4.4.2 Timeout, closing connection\r\n")
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        session_id = self.gw.session_id if self.gw else "-"
+        log.error("session=%s internal error", session_id, exc_info=error)
+        return f"451 4.3.0 Temporary local problem, try again later (session {session_id})"
+
+    async def _read_command(self) -> bytes | None:
+        """One command line including its line end, or None after a reply was sent."""
+        try:
+            return await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as error:
+            # Drain the rest of the over-long line, then refuse it.
+            await self._reader.readexactly(error.consumed)
+            while True:
+                try:
+                    await self._reader.readuntil(b"\n")
+                    break
+                except asyncio.LimitOverrunError as more:
+                    await self._reader.readexactly(more.consumed)
+            await self.reply(replies.LINE_TOO_LONG)
+            return None
+
+    # -- the session ------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        peer = self._peer()
+        self.active(+1)
+        self.live.add(self)
+        try:
+            await self._session(peer)
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            self.active(-1)
+            self.live.discard(self)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+            if self.gw is not None:
+                log.info("session=%s disconnect after %.1fs, %d transaction(s)",
+                         self.gw.session_id, time.monotonic() - self.gw.started,
+                         self.gw.transactions)
+
+    def _peer(self) -> tuple[str, int]:
+        peer = self.session.peer if self.session is not None else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return str(peer[0]), int(peer[1])
+        return "unknown", 0
+
+    async def _session(self, peer: tuple[str, int]) -> None:
+        client_ip, client_port = peer
+        proxied_by = None
+        if self._from_balancer(client_ip):
+            proxy = await asyncio.wait_for(get_proxy(self._reader), PROXY_TIMEOUT)
+            if not proxy.valid or proxy.src_addr is None:
+                log.warning("invalid PROXY header from balancer %s: %s", client_ip,
+                            proxy.error or "no source address")
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            proxied_by = client_ip
+            client_ip, client_port = str(proxy.src_addr), int(proxy.src_port or 0)
+        sockname = self.transport.get_extra_info("sockname") if self.transport else None
+        self.gw = Session(session_id=new_session_id(), client_ip=client_ip,
+                          client_port=client_port, proxied_by=proxied_by,
+                          local_ip=str(sockname[0]) if sockname else "",
+                          local_port=int(sockname[1]) if sockname else 0)
+        self.metrics.connections.inc()
+        log.info("session=%s connect from [%s]:%d%s", self.gw.session_id, client_ip,
+                 client_port, f" via {proxied_by}" if proxied_by else "")
+        if self.active(0) > self.settings.max_connections:
+            self.metrics.reject(None, "connect", "max_connections")
+            await self.reply_and_close(replies.TOO_MANY_CONNECTIONS)
+            return
+        await self.inbound.connect(self.gw)
+        await self.push(f"220 {self.hostname} ESMTP mailedge")
+        self._reset_timeout()
+        while self.transport is not None and not self._closing:
+            line = await self._read_command()
+            if line is None:
+                await self._count_error()
+                continue
+            self._reset_timeout()
+            if time.monotonic() - self.gw.started > self.settings.max_session_time:
+                await self.reply_and_close(replies.SESSION_TOO_LONG)
+                return
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                await self.reply(replies.BARE_LF_COMMAND)
+                await self._count_error()
+                continue
+            text = line[:-2]
+            verb_bytes, _, arg_bytes = text.partition(b" ")
+            verb = verb_bytes.upper().decode("ascii", "replace")
+            limit = (MAIL_LINE_LIMIT if verb == "MAIL" else
+                     RCPT_LINE_LIMIT if verb == "RCPT" else COMMAND_LINE_LIMIT)
+            if len(line) > limit:
+                await self.reply(replies.LINE_TOO_LONG)
+                await self._count_error()
+                continue
+            command = self.commands.get(verb)
+            if command is None:
+                await self.reply(replies.UNRECOGNISED)
+                await self._count_error()
+                continue
+            arg = arg_bytes.decode("utf-8", "surrogateescape").strip(" ")
+            try:
+                await command(arg)
+            except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                await self.push(await self.handle_exception(error))
+
+    def _from_balancer(self, ip: str) -> bool:
+        if not self.settings.proxy_protocol_from:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.settings.proxy_protocol_from)
+
+    async def _count_error(self) -> None:
+        assert self.gw is not None
+        self.gw.errors += 1
+        if self.gw.errors >= MAX_ERRORS:
+            log.info("session=%s too many errors", self.gw.session_id)
+            await self.reply_and_close(replies.TOO_MANY_ERRORS)
+
+    async def _refuse(self, reply: Reply) -> None:
+        await self.reply(reply)
+        if reply.code >= 500:
+            await self._count_error()
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def cmd_EHLO(self, arg: str) -> None:
+        await self._greet(arg, esmtp=True)
+
+    async def cmd_HELO(self, arg: str) -> None:
+        await self._greet(arg, esmtp=False)
+
+    async def _greet(self, arg: str, *, esmtp: bool) -> None:
+        assert self.gw is not None
+        if not arg or " " in arg:
+            await self._refuse(replies.SYNTAX)
+            return
+        self.gw.helo = arg
+        self.gw.esmtp = esmtp
+        self.txn = None
+        await self.inbound.helo(self.gw)
+        if not esmtp:
+            await self.push(f"250 {self.hostname}")
+            return
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}",
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and not self.gw.tls:
+            lines.append("STARTTLS")
+        text = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
+        await self.push(text)
+
+    async def cmd_STARTTLS(self, arg: str) -> None:
+        assert self.gw is not None
+        if arg:
+            await self._refuse(replies.SYNTAX)
+            return
+        if self.tls_context is None or self.gw.tls:
+            await self._refuse(Reply(454, "4.7.0", "TLS not available"))
+            return
+        await self.smtp_STARTTLS("")  # aiosmtpd's: 220, handshake, drops buffered plaintext
+        # RFC 3207 §4.2: forget everything learnt before the handshake.
+        self.gw.tls = True
+        self.gw.helo = None
+        self.gw.esmtp = False
+        self.txn = None
+        log.info("session=%s TLS established", self.gw.session_id)
+
+    async def cmd_MAIL(self, arg: str) -> None:
+        assert self.gw is not None
+        if self.gw.helo is None:
+            await self._refuse(replies.NEED_HELO)
+            return
+        if self.txn is not None:
+            await self._refuse(replies.NESTED_MAIL)
+            return
+        if arg[:5].upper() != "FROM:":
+            await self._refuse(replies.SYNTAX)
+            return
+        try:
+            sender, params = parse_command_arg(arg[5:].lstrip(" "), allow_null=True,
+                                               smtputf8=True)
+        except AddressError as exc:
+            log.info("session=%s MAIL refused: %s", self.gw.session_id, exc)
+            await self._refuse(replies.BAD_SENDER_SYNTAX)
+            return
+        if params and not self.gw.esmtp:
+            await self._refuse(replies.SYNTAX)
+            return
+        options: dict[str, str] = {}
+        size = 0
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE" and value.isdigit():
+                size = int(value)
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                value = value.upper()
+            elif key == "SMTPUTF8" and not value:
+                pass
+            else:
+                await self._refuse(replies.PARAM_NOT_RECOGNISED)
+                return
+            options[key] = value
+        if size > self.settings.max_message_size:
+            await self._refuse(replies.SIZE_EXCEEDED)
+            return
+        smtputf8 = "SMTPUTF8" in options
+        if sender is not None and sender.needs_smtputf8 and not smtputf8:
+            await self._refuse(replies.SMTPUTF8_REQUIRED)
+            return
+        txn = Transaction(sender=sender, mail_params=options, declared_size=size,
+                          smtputf8=smtputf8, eight_bit=options.get("BODY") == "8BITMIME")
+        reply = await self.inbound.mail(self.gw, txn)
+        if reply.code < 400:
+            self.txn = txn
+            self.gw.transactions += 1
+            log.info("session=%s from=<%s> size=%d", self.gw.session_id, txn.sender_text, size)
+        await self.reply(reply)
+
+    async def cmd_RCPT(self, arg: str) -> None:
+        assert self.gw is not None
+        if self.txn is None:
+            await self._refuse(replies.NEED_MAIL)
+            return
+        if arg[:3].upper() != "TO:":
+            await self._refuse(replies.SYNTAX)
+            return
+        try:
+            address, params = parse_command_arg(arg[3:].lstrip(" "), allow_null=False,
+                                                smtputf8=self.txn.smtputf8,
+                                                allow_bare_postmaster=True)
+        except SMTPUTF8Required:
+            await self._refuse(replies.SMTPUTF8_REQUIRED)
+            return
+        except AddressError as exc:
+            log.info("session=%s RCPT refused: %s", self.gw.session_id, exc)
+            await self._refuse(replies.BAD_RECIPIENT_SYNTAX)
+            return
+        if params:
+            await self._refuse(replies.PARAM_NOT_RECOGNISED)
+            return
+        assert address is not None
+        if not address.domain:  # RFC 5321 §4.1.1.3: <Postmaster> means ours
+            address = parse_path(f"<{address.local}@{self.hostname}>", allow_null=False,
+                                 smtputf8=False)
+            assert address is not None
+        if self._transaction_expired():
+            await self.reply_and_close(replies.TRANSACTION_TOO_LONG)
+            return
+        reply = await self.inbound.rcpt(self.gw, self.txn, address)
+        await self.reply(reply)
+
+    def _transaction_expired(self) -> bool:
+        return (self.txn is not None and time.monotonic() - self.txn.started
+                > self.settings.max_transaction_time)
+
+    async def cmd_DATA(self, arg: str) -> None:
+        assert self.gw is not None
+        if arg:
+            await self._refuse(replies.SYNTAX)
+            return
+        if self.txn is None:
+            await self._refuse(replies.NEED_MAIL)
+            return
+        if not self.txn.recipients:
+            await self._refuse(replies.NEED_RCPT)
+            return
+        txn = self.txn
+        try:
+            await asyncio.wait_for(self.data_slots.acquire(), DATA_SLOT_WAIT)
+        except TimeoutError:
+            await self.reply(Reply(451, "4.3.2", "Too busy, try again later"))
+            return
+        try:
+            await self.reply(replies.START_DATA)
+            content = await self._read_data(txn)
+            self.txn = None
+            if content is None:
+                return
+            outcome = await self.inbound.data(self.gw, txn, content)
+            await self.reply(outcome.reply)
+        finally:
+            self.data_slots.release()
+
+    async def _read_data(self, txn: Transaction) -> bytes | None:
+        """Read up to CRLF.CRLF; return the unstuffed message, or None after replying.
+
+        Reads with `readuntil(b".\\r\\n")` and checks whether the dot starts a line (the
+        data's first line counts as starting after the DATA command's CRLF). A line
+        ending in a dot costs an extra round, which is rare; the usual message is one
+        or a few large reads.
+        """
+        assert self.gw is not None
+        limit = self.settings.max_message_size
+        parts: list[bytes] = []
+        size = 0
+        too_big = False
+        previous_ends_line = True
+        started = time.monotonic()
+        txn_deadline = txn.started + self.settings.max_transaction_time
+        while True:
+            now = time.monotonic()
+            rate_deadline = started + max(self.settings.data_rate_grace,
+                                          size / self.settings.min_data_rate
+                                          if self.settings.min_data_rate else float("inf"))
+            deadline = min(now + self.settings.command_timeout, txn_deadline, rate_deadline)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - now)):
+                    try:
+                        chunk = await self._reader.readuntil(b".\r\n")
+                    except asyncio.LimitOverrunError as error:
+                        chunk = await self._reader.readexactly(error.consumed)
+            except TimeoutError:
+                reply = (replies.TRANSACTION_TOO_LONG if deadline == txn_deadline
+                         else replies.DATA_TOO_SLOW if deadline == rate_deadline
+                         else replies.SESSION_TIMEOUT)
+                log.info("session=%s DATA aborted after %d bytes: %s", self.gw.session_id,
+                         size, reply.text)
+                await self.reply_and_close(reply)
+                return None
+            self._reset_timeout()
+            ends = chunk.endswith(b".\r\n")
+            if ends and ((chunk == b".\r\n" and previous_ends_line)
+                         or chunk.endswith(b"\r\n.\r\n")):
+                body = chunk[:-3]
+                final = True
+            else:
+                body = chunk
+                final = False
+            size += len(body)
+            if not too_big:
+                if size > limit:
+                    too_big = True
+                    parts.clear()
+                else:
+                    parts.append(body)
+            if final:
+                break
+            previous_ends_line = chunk.endswith(b"\r\n")
+        if too_big:
+            log.info("session=%s DATA over size limit (%d > %d)", self.gw.session_id, size,
+                     limit)
+            self.metrics.reject(None, "data", "size")
+            await self.reply(replies.SIZE_EXCEEDED)
+            return None
+        data = b"".join(parts)
+        # RFC 5321 §2.3.8: CR and LF only as the CRLF pair. Count instead of scanning
+        # line by line: the counts agree exactly when there is no bare CR or LF.
+        crlf = data.count(b"\r\n")
+        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+            if self.settings.smuggling == "reject":
+                log.info("session=%s DATA refused: bare CR or LF", self.gw.session_id)
+                self.metrics.reject(None, "data", "bare_cr_lf")
+                await self.reply(replies.BARE_CR_LF_DATA)
+                return None
+            log.info("session=%s DATA had bare CR or LF: normalised", self.gw.session_id)
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        # RFC 5321 §4.5.2: remove the transparency dot at the start of a line.
+        if data.startswith(b".."):
+            data = data[1:]
+        return data.replace(b"\r\n..", b"\r\n.")
+
+    async def cmd_RSET(self, arg: str) -> None:
+        if arg:
+            await self._refuse(replies.SYNTAX)
+            return
+        self.txn = None
+        await self.reply(replies.RESET_OK)
+
+    async def cmd_NOOP(self, arg: str) -> None:
+        await self.reply(replies.OK)
+
+    async def cmd_QUIT(self, arg: str) -> None:
+        await self.reply_and_close(replies.BYE)
+
+    async def cmd_VRFY(self, arg: str) -> None:
+        # Revealing which mailboxes exist helps harvesters; RFC 5321 §3.5.3 allows 252.
+        await self.reply(replies.VRFY_NOTHING)
+
+    async def cmd_EXPN(self, arg: str) -> None:
+        await self.reply(replies.EXPN_NOTHING)
+
+    async def cmd_HELP(self, arg: str) -> None:
+        await self.reply(Reply(214, "2.0.0", "See RFC 5321; mailedge"))
+
+
+class Listener:
+    """Makes one GatewaySMTP per connection (for `loop.create_server`) and tracks them."""
+
+    def __init__(self, inbound: Inbound, settings: InboundSettings, metrics: Metrics,
+                 tls_context: ssl.SSLContext | None) -> None:
+        self.inbound = inbound
+        self.settings = settings
+        self.metrics = metrics
+        self.tls_context = tls_context
+        self.data_slots = asyncio.Semaphore(settings.max_concurrent_data)
+        self.sessions: set[GatewaySMTP] = set()
+        self._count = 0
+
+    def active(self, delta: int) -> int:
+        self._count += delta
+        self.metrics.active_sessions.set(self._count)
+        return self._count
+
+    def __call__(self) -> GatewaySMTP:
+        return GatewaySMTP(self.inbound, self.settings, self.metrics, self.tls_context,
+                           self.data_slots, self.active, self.sessions)
+
+    async def close_sessions(self, grace: float) -> None:
+        """Let sessions finish for `grace` seconds, then say 421 and close the rest."""
+        tasks = {s._handler_coroutine for s in self.sessions if s._handler_coroutine}
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for session in list(self.sessions):
+            if session.transport is not None and not session.transport.is_closing():
+                session._writer.write(b"421 4.3.2 Service shutting down\r\n")
+                session.transport.close()
+        await asyncio.sleep(0)

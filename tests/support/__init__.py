@@ -1,0 +1,1 @@
+"""Shared test helpers: a gateway node on loopback, SMTP clients, config writers."""
