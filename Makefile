@@ -87,3 +87,4 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) $(TLS_DIR)
+	if [[ -d var ]]; then rmdir --ignore-fail-on-non-empty var; fi
