@@ -249,21 +249,24 @@ class Spool:
         """Wait until a directory sync that started after rename `sequence` has finished."""
         while self._synced < sequence:
             if self._dir_sync is None:
-                covered = self._renamed
-                self._dir_sync = asyncio.ensure_future(self._run(self.fs.fsync_dir,
-                                                                 self.queue_dir))
-                try:
-                    await asyncio.shield(self._dir_sync)
-                except OSError as exc:
-                    raise SpoolError(f"directory sync failed: {exc}") from None
-                finally:
-                    self._dir_sync = None
-                self._synced = max(self._synced, covered)
-            else:
-                try:
-                    await asyncio.shield(self._dir_sync)
-                except OSError as exc:
-                    raise SpoolError(f"directory sync failed: {exc}") from None
+                self._dir_sync = asyncio.ensure_future(self._dir_sync_round())
+            try:
+                await asyncio.shield(self._dir_sync)
+            except OSError as exc:
+                raise SpoolError(f"directory sync failed: {exc}") from None
+
+    async def _dir_sync_round(self) -> None:
+        """One directory fsync covering every rename finished before it started.
+
+        The bookkeeping happens inside this task, so whoever wakes up after it sees
+        `_synced` already advanced and `_dir_sync` free for the next round.
+        """
+        covered = self._renamed
+        try:
+            await self._run(self.fs.fsync_dir, self.queue_dir)
+            self._synced = max(self._synced, covered)
+        finally:
+            self._dir_sync = None
 
     async def append_state(self, queue_id: str, *records: StateRecord) -> None:
         """Append records to the message's state log with one synced write."""
