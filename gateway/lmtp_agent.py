@@ -13,7 +13,14 @@ import logging
 
 from gateway.delivery import DeliveryJob, Outcome
 from lmtp.client import LmtpTimeouts
-from lmtp.errors import ConnectError, ExtensionNotSupported, LmtpError, LmtpTimeout
+from lmtp.errors import (
+    ConnectError,
+    ConnectionLost,
+    ExtensionNotSupported,
+    LmtpError,
+    LmtpTimeout,
+    ServerUnavailable,
+)
 from lmtp.pool import LmtpPool
 from lmtp.replies import Reply
 
@@ -45,8 +52,12 @@ class LmtpAgent:
             return [Outcome(554, "5.6.7", f"Storage cannot accept this message: {exc}",
                             self.remote)] * len(job.recipients)
         except LmtpError as exc:
-            status = ("4.4.1" if isinstance(exc, ConnectError) else
-                      "4.4.2" if isinstance(exc, LmtpTimeout) else "4.3.0")
+            # Nothing answered at all: the backend is unreachable or unwell (4.4.1/4.4.2,
+            # which makes the router pause it); otherwise the dialogue broke midway.
+            unreachable = (isinstance(exc, ConnectError | ConnectionLost | ServerUnavailable)
+                           and not exc.any_reply and not exc.data_sent)
+            status = ("4.4.2" if isinstance(exc, LmtpTimeout) else
+                      "4.4.1" if unreachable else "4.3.0")
             log.warning("queue=%s lmtp %s: %s: %s", job.queue_id, self.endpoint,
                         type(exc).__name__, exc)
             partial = exc.partial_results or [None] * len(job.recipients)

@@ -258,12 +258,16 @@ class Queue:
                          outcome.text)
                 continue
             if outcome.temporary and expired:
+                # RFC 3464: a message given up on after retries is "failed" with the
+                # temporary status 4.4.7, so the DSN says why it never arrived.
                 log.info("queue=%s to=<%s> status=expired last=%s %s %s", entry.id,
                          recipient.mailbox, outcome.code, outcome.status, outcome.text)
-                outcome = Outcome(EXPIRED.code, EXPIRED.status,
-                                  f"{EXPIRED.text}; last reply: {outcome.code} "
-                                  f"{outcome.status} {outcome.text}", outcome.remote)
-            if outcome.temporary:
+                records.append(Failed(index=index, code=EXPIRED.code, status=EXPIRED.status,
+                                      text=f"{EXPIRED.text}; last reply: {outcome.code} "
+                                           f"{outcome.status} {outcome.text}"[:500],
+                                      remote=outcome.remote, at=now))
+                self.metrics.bounced.labels(tenant).inc()
+            elif outcome.temporary:
                 temporary.append(f"{outcome.code} {outcome.status} {outcome.text}")
                 self.metrics.deferred.labels(tenant).inc()
                 log.info("queue=%s to=<%s> status=deferred via %s: %s %s %s", entry.id,

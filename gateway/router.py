@@ -126,7 +126,7 @@ class StorageRouter(Router):
         unreachable = all(o.status in ("4.4.1", "4.4.2", "4.3.2") for o in outcomes)
         if unreachable:
             if group.key not in self._paused or self._paused[group.key].probing:
-                log.warning("destination %s unreachable (%s); pausing %.0fs", group.key,
+                log.warning("destination %s unreachable (%s); pausing %gs", group.key,
                             outcomes[0].text, self.backend_pause)
             self._paused[group.key] = _Pause(time.monotonic() + self.backend_pause,
                                              reason=outcomes[0].text[:100])

@@ -7,6 +7,7 @@ after the headers it and we prepend is byte for byte what the client sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email
 import email.policy
 from collections.abc import AsyncIterator
@@ -209,3 +210,39 @@ storage = "127.0.0.1:{other.port}"
     await harness.wait_empty()
     assert len(default.messages("alice@example.test")) == 1
     assert len(other.messages("bob@example.test")) == 1
+
+
+async def test_unreachable_backend_is_paused_not_hammered(node_factory,  # type: ignore[no-untyped-def]
+                                                          dovecot: DovecotLmtp) -> None:
+    harness = await lmtp_node(node_factory, dovecot)
+    assert harness.node is not None
+    harness.node.router.backend_pause = 60.0
+    dovecot.stop()
+    client, _ = await RawSMTP.connect(harness.port)
+    for i in range(4):
+        assert (await client.transaction("s@remote.example", ["bob@example.test"],
+                                         dot_stuff(message(f"paused {i}")),
+                                         helo=f"c{i}.example")).code == 250
+    await client.close()
+    await harness.wait_idle()
+    errors = sorted(e.last_error for e in harness.node.queue.entries.values())
+    # One real attempt found the backend down; the others were deferred without trying.
+    assert sum("paused" in error for error in errors) == 3, errors
+    assert f"lmtp:127.0.0.1:{dovecot.port}" in harness.node.router.paused()
+
+
+async def test_queue_lifetime_ends_in_a_dsn(node_factory, dovecot: DovecotLmtp,  # type: ignore[no-untyped-def]
+                                            sink: SmtpSink) -> None:
+    harness = await lmtp_node(node_factory, dovecot, sink)
+    assert harness.node is not None
+    harness.node.queue.settings = dataclasses.replace(harness.node.queue.settings, lifetime=0.5)
+    dovecot.stop()
+    client, _ = await RawSMTP.connect(harness.port)
+    assert (await client.transaction("sender@remote.example", ["bob@example.test"],
+                                     dot_stuff(message("never delivered")))).code == 250
+    await client.close()
+    [dsn] = await sink.wait(1, timeout=15)
+    text = dsn.data.decode()
+    assert "Final-Recipient: rfc822; bob@example.test" in text
+    assert "Status: 4.4.7" in text and "Action: failed" in text
+    await harness.wait_empty()

@@ -151,6 +151,7 @@ async def test_kill_9_under_load_loses_nothing(tmp_path: Path, dovecot: DovecotL
         await wait_port(harness.port)
 
         async def client(n: int) -> None:
+            smtp: RawSMTP | None = None
             try:
                 smtp, _ = await RawSMTP.connect(harness.port)
                 await smtp.cmd("EHLO load.example")
@@ -167,6 +168,9 @@ async def test_kill_9_under_load_loses_nothing(tmp_path: Path, dovecot: DovecotL
                         acknowledged.add(subject)
             except (ConnectionError, OSError, asyncio.IncompleteReadError):
                 return  # the node was killed under us
+            finally:
+                if smtp is not None:
+                    await smtp.close()
 
         load = asyncio.gather(*(client(n) for n in range(6)))
         while len(acknowledged) < 60 and time.monotonic() < stop_at:

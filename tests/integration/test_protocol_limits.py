@@ -144,3 +144,23 @@ async def test_directory_unavailable_is_451_never_5xx(node_factory) -> None:  # 
         reply = await client.cmd(f"RCPT TO:<{rcpt}>")
         assert (reply.code, reply.status) == (451, "4.4.3")
     await client.close()
+
+
+class BrokenDirectory(DownDirectory):
+    """A directory with a bug: raises something that is not a documented error."""
+
+    async def lookup_recipient(self, local: str, domain: str) -> Recipient | Unknown:
+        raise ValueError("SECRET internal detail /etc/passwd")
+
+
+async def test_internal_errors_are_bland_4xx(node_factory) -> None:  # type: ignore[no-untyped-def]
+    harness: NodeHarness = await node_factory(directory=BrokenDirectory())
+    client, _ = await RawSMTP.connect(harness.port)
+    await client.cmd("EHLO client.example")
+    await client.cmd("MAIL FROM:<s@remote.example>")
+    reply = await client.cmd("RCPT TO:<alice@example.test>")
+    assert (reply.code, reply.status) == (451, "4.3.0")
+    assert "SECRET" not in reply.text and "ValueError" not in reply.text
+    assert "session" in reply.text
+    assert (await client.cmd("NOOP")).code == 250  # the session survives
+    await client.close()
