@@ -150,6 +150,16 @@ class Settings:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
 
 
+_HEADER_RE = re.compile(r"^\[\[?([^\[\]]+)\]\]?\s*(?:#.*)?$")
+_KEY_LINE_RE = re.compile(r"^((?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+)"
+                          r"(?:\s*\.\s*(?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+))*)\s*=")
+
+
+def _dotted(key_path: str) -> str:
+    """`a . "b" .c` -> `a.b.c` (quoted parts holding dots are rare enough to ignore)."""
+    return ".".join(part.strip().strip("\"'") for part in key_path.split("."))
+
+
 class _LineFinder:
     """Finds the line of `[table]` / `key =` in the raw text, for error messages."""
 
@@ -157,21 +167,26 @@ class _LineFinder:
         self.lines = text.splitlines()
 
     def find(self, dotted: str) -> int | None:
+        """Line of the key (or table) `dotted`; `table.` (trailing dot) finds the header."""
         parts = dotted.split(".")
-        table, key = parts[:-1], parts[-1]
-        in_table = not table
-        header = "[" + ".".join(table) + "]"
+        table, key = ".".join(parts[:-1]), parts[-1]
+        current = ""  # the table the following key lines belong to ("" = root)
         for number, raw in enumerate(self.lines, start=1):
             line = raw.strip()
-            if line.startswith("["):
-                in_table = line.split("#", 1)[0].strip() == header
-                if in_table and not key:
-                    return number
+            header = _HEADER_RE.match(line)
+            if header:
+                current = _dotted(header.group(1))
+                if not key and current == table:
+                    return number  # the table's own header
+                if key and (current == dotted or current.startswith(dotted + ".")):
+                    return number  # `dotted` names a (sub-)table
                 continue
-            if in_table and re.match(rf"^\"?{re.escape(key)}\"?\s*=", line):
-                return number
-        if table:
-            return self.find(".".join(table) + ".") if key else None
+            match = _KEY_LINE_RE.match(line)
+            if key and match:
+                full = _dotted(match.group(1))
+                full = f"{current}.{full}" if current else full
+                if full == dotted or full.startswith(dotted + "."):
+                    return number
         return None
 
 

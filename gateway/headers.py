@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 _AR_NAME = b"authentication-results"
+_COMMENT_TOKENS = re.compile(rb"\\.|[()]", re.DOTALL)  # quoted-pair, or a comment delimiter
+_QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 
 
 def received_header(*, helo: str | None, client_ip: str, rdns: str | None, hostname: str,
@@ -32,8 +34,9 @@ def received_header(*, helo: str | None, client_ip: str, rdns: str | None, hostn
 
 
 def _clean(value: str) -> str:
-    # Whatever the client claimed, it must not break the header's structure.
-    return re.sub(r"[\x00-\x20()<>\\\"\x7f]", "?", value)[:255]
+    # Whatever the client claimed, it must not break the header's structure: no line
+    # breaks, no comment or angle delimiters, no ";" (it starts the date, RFC 5322 §3.6.7).
+    return re.sub(r"[\x00-\x20()<>;\\\"\x7f]", "?", value)[:255]
 
 
 def remove_forged_auth_results(header: bytes, authserv_id: str) -> tuple[bytes, int]:
@@ -51,13 +54,51 @@ def remove_forged_auth_results(header: bytes, authserv_id: str) -> tuple[bytes, 
         name, _, value = field.partition(b":")
         if name.strip().lower() == _AR_NAME:
             unfolded = re.sub(rb"\r?\n[ \t]+", b" ", value)
-            unfolded = re.sub(rb"\([^()]*\)", b" ", unfolded)  # RFC 8601 allows CFWS
-            ident = unfolded.strip().split(b";", 1)[0].strip().split()
-            if ident and ident[0].lower() == ours:
+            if _authserv_id(_strip_comments(unfolded)) == ours:
                 removed += 1
                 continue
         kept.append(field)
     return b"".join(kept), removed
+
+
+def _strip_comments(value: bytes) -> bytes:
+    """Replace every comment by a space (RFC 8601 allows CFWS around the authserv-id).
+
+    Comments nest and may hold quoted-pairs (RFC 5322 §3.2.2), so this counts depth in
+    one linear pass (a regex loop peeling one level per pass would be quadratic on a
+    hostile "((((((..." field). An unterminated comment runs to the end of the value.
+    """
+    out: list[bytes] = []
+    depth = 0
+    start = 0
+    for match in _COMMENT_TOKENS.finditer(value):
+        token = match.group()
+        if depth == 0:
+            if token == b"(":  # a quoted-pair or stray ")" outside comments is text
+                out += (value[start:match.start()], b" ")
+                depth = 1
+        elif token == b"(":
+            depth += 1
+        elif token == b")":
+            depth -= 1
+            if depth == 0:
+                start = match.end()
+    if depth == 0:
+        out.append(value[start:])
+    return b"".join(out)
+
+
+def _authserv_id(value: bytes) -> bytes:
+    """The authserv-id of an unfolded, comment-free field value, lowercased.
+
+    It is a `value` of RFC 2045: a token, or a quoted-string that means the same.
+    """
+    value = value.strip()
+    quoted = _QUOTED.match(value)
+    if quoted:
+        return re.sub(rb"\\(.)", rb"\1", quoted.group(1)).lower()
+    ident = value.split(b";", 1)[0].split()
+    return ident[0].lower() if ident else b""
 
 
 def split_fields(header: bytes) -> list[bytes]:

@@ -139,6 +139,8 @@ class Pipeline:
             try:
                 async with asyncio.timeout(filt.timeout):
                     verdict = await filt.check(ctx)
+                if not isinstance(verdict, Verdict):  # a buggy filter is a failing filter
+                    raise TypeError(f"check() returned {type(verdict).__name__}, not a Verdict")
             except Exception as exc:  # any failure becomes on_error
                 reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
                 log.warning("session=%s filter %s failed at %s: %s", ctx.session.session_id,

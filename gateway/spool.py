@@ -164,7 +164,10 @@ class SpoolFS:
     def append_synced(self, path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:  # a short write must not return as if the record were on disk
+                written = os.write(fd, view)
+                view = view[written:]
             if self.fsync_enabled:
                 os.fsync(fd)
         finally:
@@ -270,7 +273,9 @@ class Spool:
 
     async def append_state(self, queue_id: str, *records: StateRecord) -> None:
         """Append records to the message's state log with one synced write."""
-        data = b"".join(_record_encoder.encode(record) + b"\n" for record in records)
+        # The leading newline ends a torn line a crash may have left at the end of the
+        # log, so that fragment cannot swallow these records (readers skip empty lines).
+        data = b"\n" + b"".join(_record_encoder.encode(record) + b"\n" for record in records)
         await self._run(self.fs.append_synced, self.state_path(queue_id), data)
 
     async def remove(self, queue_id: str) -> None:
