@@ -191,7 +191,7 @@ def _queue_offline(settings: Settings, action: str, queue_id: str | None) -> int
 
     spool = Spool(settings.node.spool_dir, threads=1)
     try:
-        ids = [queue_id] if queue_id else list(spool.queued_ids())
+        ids = [queue_id] if queue_id else list(spool.queued_ids(clean=False))
         if action == "retry":
             print("node not running: every queued message is retried when it starts")
             return 0

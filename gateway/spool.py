@@ -312,15 +312,21 @@ class Spool:
                 log.warning("spool: ignoring unreadable state line in %s", queue_id)
         return records
 
-    def queued_ids(self) -> Iterator[str]:
-        """Every committed message, oldest first; leftovers in tmp/ are removed."""
-        for leftover in self.tmp_dir.iterdir():
-            self.fs.unlink(leftover)
+    def queued_ids(self, *, clean: bool = True) -> Iterator[str]:
+        """Every committed message, oldest first.
+
+        With `clean` (the node's recovery at start-up, when nothing else writes to the
+        spool) leftovers in tmp/ and state files without a message are removed; an
+        inspection that may run beside a live node passes clean=False.
+        """
         names = sorted(p.name for p in self.queue_dir.iterdir())
         msg_ids = {n[:-4] for n in names if n.endswith(".msg")}
-        for name in names:
-            if name.endswith(".state") and name[:-6] not in msg_ids:
-                self.fs.unlink(self.queue_dir / name)  # the message was already removed
+        if clean:
+            for leftover in self.tmp_dir.iterdir():
+                self.fs.unlink(leftover)
+            for name in names:
+                if name.endswith(".state") and name[:-6] not in msg_ids:
+                    self.fs.unlink(self.queue_dir / name)  # its message was already removed
         yield from sorted(msg_ids)
 
     def quarantine_corrupt(self, queue_id: str) -> None:
