@@ -19,6 +19,7 @@ from lmtp.errors import (
     ExtensionNotSupported,
     LmtpError,
     LmtpTimeout,
+    LocalProtocolError,
     ServerUnavailable,
 )
 from lmtp.pool import LmtpPool
@@ -43,14 +44,26 @@ class LmtpAgent:
                                                    command=command_timeout, data=data_timeout))
 
     async def deliver(self, job: DeliveryJob) -> list[Outcome]:
+        # SMTPUTF8 only where the addresses need it: a client may ask for it on any
+        # message, and storage such as Dovecot 2.3 does not offer it; the UTF-8 headers
+        # of an ASCII-addressed message pass through LMTP as 8-bit data anyway.
+        needs_utf8 = job.smtputf8 and not (job.sender.isascii()
+                                           and all(r.isascii() for r in job.recipients))
         try:
             replies = await self.pool.send(job.sender, job.recipients, job.message,
-                                           smtputf8=job.smtputf8, eight_bit=job.eight_bit)
+                                           smtputf8=needs_utf8, eight_bit=job.eight_bit)
         except ExtensionNotSupported as exc:
             # The backend cannot take this message as it is (e.g. SMTPUTF8): permanent.
             log.warning("queue=%s lmtp %s: %s", job.queue_id, self.endpoint, exc)
             return [Outcome(554, "5.6.7", f"Storage cannot accept this message: {exc}",
                             self.remote)] * len(job.recipients)
+        except LocalProtocolError as exc:
+            # Something LMTP cannot carry (a control character in an address): retrying
+            # cannot help, so it fails now and the sender hears why.
+            log.warning("queue=%s lmtp %s refused locally: %s", job.queue_id, self.endpoint,
+                        exc)
+            return [Outcome(553, "5.1.3", "Address not deliverable to storage", self.remote)
+                    ] * len(job.recipients)
         except LmtpError as exc:
             # Nothing answered at all: the backend is unreachable or unwell (4.4.1/4.4.2,
             # which makes the router pause it); otherwise the dialogue broke midway.

@@ -246,3 +246,23 @@ async def test_queue_lifetime_ends_in_a_dsn(node_factory, dovecot: DovecotLmtp, 
     assert "Final-Recipient: rfc822; bob@example.test" in text
     assert "Status: 4.4.7" in text and "Action: failed" in text
     await harness.wait_empty()
+
+
+async def test_smtputf8_message_with_ascii_addresses_reaches_dovecot(  # type: ignore[no-untyped-def]
+        node_factory, dovecot: DovecotLmtp) -> None:
+    # Dovecot 2.3 does not offer SMTPUTF8; a message that only has UTF-8 in its headers
+    # must still be delivered, not bounced for want of the extension.
+    harness = await lmtp_node(node_factory, dovecot)
+    original = "Subject: Grüße aus Köln\r\nFrom: <s@remote.example>\r\n\r\nbody\r\n".encode()
+    client, _ = await RawSMTP.connect(harness.port)
+    await client.cmd("EHLO client.example")
+    assert (await client.cmd("MAIL FROM:<s@remote.example> SMTPUTF8 BODY=8BITMIME")).code == 250
+    assert (await client.cmd("RCPT TO:<alice@example.test>")).code == 250
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(dot_stuff(original))
+    assert (await client.read_reply()).code == 250
+    await client.close()
+    await harness.wait_empty()
+    [stored] = dovecot.messages("alice@example.test")
+    assert stored.endswith(original)
+    assert b"with UTF8SMTP" in stored
