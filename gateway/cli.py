@@ -41,6 +41,9 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # aiosmtpd logs every connection at INFO under "mail.log"; ours say the same with ids.
+    if level != "debug":
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def _load(path: str) -> Settings:
