@@ -106,6 +106,8 @@ class Inbound:
         await self._early_stage(Stage.CONNECT, session, None)
 
     async def helo(self, session: Session) -> None:
+        # A new HELO/EHLO replaces what the last one earned.
+        session.held = [h for h in session.held if h.stage is Stage.CONNECT]
         await self._early_stage(Stage.HELO, session, None)
 
     async def mail(self, session: Session, txn: Transaction) -> Reply:
@@ -275,8 +277,9 @@ class Inbound:
             log.info("session=%s queue=%s-q tenant %s copy quarantined: %s",
                      session.session_id, queue_id, t, verdict.reason)
         ids = tuple(env.id for env, _ in envelopes)
-        log.info("session=%s from=<%s> size=%d nrcpt=%d queued=%s", session.session_id,
-                 txn.sender_text, len(message), len(txn.recipients), ",".join(ids) or "-")
+        log.info("session=%s from=<%s> size=%d nrcpt=%d queued=%s results=%s",
+                 session.session_id, txn.sender_text, len(message), len(txn.recipients),
+                 ",".join(ids) or "-", summarise(txn))
         return DataOutcome(Reply(250, "2.0.0", f"Ok: queued as {queue_id}"), ids)
 
     def _envelope(self, queue_id: str, session: Session, txn: Transaction,
@@ -301,3 +304,9 @@ def _with_headers(message: bytes, at: int, headers: Sequence[tuple[str, str]]) -
                      for name, value in headers)
     return message[:at] + added + message[at:]
 
+
+def summarise(txn: Transaction) -> str:
+    """The results record in one log field: filter[@tenant]:outcome, in order."""
+    return ",".join(
+        f"{e.filter}{'@' + e.tenant if e.tenant else ''}:{e.outcome.value}"
+        for e in txn.results.entries) or "-"
