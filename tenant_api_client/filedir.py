@@ -15,22 +15,49 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 import tomllib
 import unicodedata
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
+
+import msgspec
 
 from tenant_api_client.errors import InvalidData, Unavailable
-from tenant_api_client.models import Recipient, Tenant, TenantPolicy, Unknown
+from tenant_api_client.models import (
+    Account,
+    Autoreply,
+    DkimKey,
+    DkimKeys,
+    DomainInfo,
+    Event,
+    Limits,
+    Policy,
+    Recipient,
+    Tenant,
+    Unknown,
+)
+from tenant_api_client.passwords import (
+    BadHash,
+    check_format,
+    hash_password,
+    verify_password_async,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TENANT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-MAILBOX_KEYS = {"storage", "disabled", "over_quota"}
-TENANT_KEYS = {"name", "domains", "mailboxes", "mailbox", "policy"}
-POLICY_KEYS = {"max_message_size", "rejected_copies"}
+MAILBOX_KEYS = {"storage", "disabled", "over_quota", "autoreply"}
+TENANT_KEYS = {"name", "domains", "mailboxes", "mailbox", "policy", "alias", "forward",
+               "domain", "account", "limits"}
+POLICY_KEYS = set(Policy.__struct_fields__)
+DOMAIN_KEYS = {"policy", "catch_all", "dkim"}
+ACCOUNT_KEYS = {"password", "allowed_senders", "limits_class", "limits", "contained"}
+DKIM_KEYS = {"algorithm", "private_key", "private_key_file", "active"}
 
 
 def normalise_domain(domain: str) -> str:
@@ -46,10 +73,21 @@ def normalise_local(local: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredAccount:
+    account: Account
+    password_hash: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Snapshot:
     tenants: dict[str, Tenant]
-    domains: dict[str, str]
-    recipients: dict[str, Recipient]
+    domains: dict[str, str]  # domain -> tenant id
+    recipients: dict[str, Recipient]  # mailboxes, aliases, forwards by lookup key
+    domain_info: dict[str, DomainInfo] = field(default_factory=dict)
+    catch_all: dict[str, str] = field(default_factory=dict)  # domain -> target mailbox
+    accounts: dict[str, StoredAccount] = field(default_factory=dict)  # lowercase username
+    dkim: dict[str, DkimKeys] = field(default_factory=dict)
+    tenant_limits: dict[str, Limits] = field(default_factory=dict)
 
 
 _KEY_PART = r"""(?:"(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)"""
@@ -109,8 +147,11 @@ class _Lines:
                 return None
 
 
-def parse_tenants(text: str) -> _Snapshot:
-    """Validate the whole tenants file; raise InvalidData listing every problem."""
+def parse_tenants(text: str, base: Path | None = None) -> _Snapshot:
+    """Validate the whole tenants file; raise InvalidData listing every problem.
+
+    `base` is the directory relative `private_key_file` paths are resolved against.
+    """
     problems: list[tuple[str, int | None, str]] = []
     lines = _Lines(text)
     try:
@@ -131,44 +172,160 @@ def parse_tenants(text: str) -> _Snapshot:
         problem("tenant", "must be a table of tenants", ("tenant",))
         raise InvalidData(problems)
 
-    tenants: dict[str, Tenant] = {}
-    domains: dict[str, str] = {}
-    recipients: dict[str, Recipient] = {}
+    reader = _TenantReader(problem, base or Path.cwd())
     for tenant_id, body in raw_tenants.items():
+        reader.tenant(tenant_id, body)
+    snapshot = reader.snapshot()
+    if problems:
+        raise InvalidData(problems)
+    return snapshot
+
+
+Problem = Callable[..., None]
+
+
+def _list_of_str(value: Any, key: str, scope: Scope, problem: Problem) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problem(key, "must be a list of strings", scope)
+        return []
+    return list(value)
+
+
+def _required(model: type) -> set[str]:
+    info = msgspec.inspect.type_info(model)
+    return {f.name for f in getattr(info, "fields", ()) if f.required}
+
+
+def _message(exc: msgspec.ValidationError) -> str:
+    return str(exc).split(" - at `", 1)[0]
+
+
+class _TenantReader:
+    """Reads tenant tables one by one into the snapshot's dictionaries."""
+
+    def __init__(self, problem: Problem, base: Path) -> None:
+        self.problem = problem
+        self.base = base
+        self.tenants: dict[str, Tenant] = {}
+        self.domains: dict[str, str] = {}
+        self.recipients: dict[str, Recipient] = {}
+        self.domain_info: dict[str, DomainInfo] = {}
+        self.catch_all: dict[str, str] = {}
+        self.accounts: dict[str, StoredAccount] = {}
+        self.dkim: dict[str, DkimKeys] = {}
+        self.tenant_limits: dict[str, Limits] = {}
+        self._catch_all_pending: list[tuple[str, str, str, Scope]] = []
+
+    def snapshot(self) -> _Snapshot:
+        for domain, target, key, scope in self._catch_all_pending:
+            found = self.recipients.get(target)
+            if found is None or found.kind != "mailbox":
+                self.problem(key, f"catch-all target {target} is not a mailbox", scope)
+            else:
+                self.catch_all[domain] = target
+        return _Snapshot(tenants=self.tenants, domains=self.domains,
+                         recipients=self.recipients, domain_info=self.domain_info,
+                         catch_all=self.catch_all, accounts=self.accounts, dkim=self.dkim,
+                         tenant_limits=self.tenant_limits)
+
+    def tenant(self, tenant_id: str, body: Any) -> None:
+        problem = self.problem
         where = f"tenant.{tenant_id}"
         here: Scope = ("tenant", tenant_id)
         if not TENANT_ID_RE.match(tenant_id):
             problem(where, "tenant id must be letters, digits, '_', '.', '-'", here)
-            continue
+            return
         if not isinstance(body, dict):
             problem(where, "must be a table", here)
-            continue
+            return
         for key in body:
             if key not in TENANT_KEYS:
                 problem(f"{where}.{key}", "unknown key", (*here, key))
         tenant_domains: list[str] = []
-        for domain in _list_of_str(body.get("domains", []), f"{where}.domains",
-                                   (*here, "domains"), problem):
+        listed = _list_of_str(body.get("domains", []), f"{where}.domains", (*here, "domains"),
+                              problem)
+        for domain in listed:
             try:
                 norm = normalise_domain(domain)
             except UnicodeError:
                 problem(f"{where}.domains", f"{domain!r} is not a valid domain",
                         (*here, "domains"), domain)
                 continue
-            if norm in domains and domains[norm] != tenant_id:
+            if norm in self.domains and self.domains[norm] != tenant_id:
                 problem(f"{where}.domains",
-                        f"{domain} already belongs to tenant {domains[norm]}",
+                        f"{domain} already belongs to tenant {self.domains[norm]}",
                         (*here, "domains"), domain)
                 continue
-            domains[norm] = tenant_id
-            tenant_domains.append(norm)
+            if norm not in tenant_domains:
+                self.domains[norm] = tenant_id
+                tenant_domains.append(norm)
         if not tenant_domains:
             problem(f"{where}.domains", "a tenant needs at least one domain", here)
-        policy = _policy(body.get("policy", {}), f"{where}.policy", (*here, "policy"), problem)
-        tenants[tenant_id] = Tenant(id=tenant_id, name=str(body.get("name", "")),
-                                    domains=tuple(tenant_domains), policy=policy)
+        policy = self.convert(body.get("policy", {}), Policy, f"{where}.policy",
+                              (*here, "policy")) or Policy()
+        self.tenants[tenant_id] = Tenant(id=tenant_id, name=str(body.get("name", "")),
+                                         domains=tuple(tenant_domains), policy=policy)
+        self.tenant_limits[tenant_id] = self.convert(
+            body.get("limits", {}), Limits, f"{where}.limits", (*here, "limits")) or Limits()
+        self.domain_tables(tenant_id, body.get("domain", {}), tenant_domains, policy)
+        self.mailboxes(tenant_id, body, tenant_domains)
+        self.redirects(tenant_id, "alias", body.get("alias", {}), tenant_domains)
+        self.redirects(tenant_id, "forward", body.get("forward", {}), tenant_domains)
+        self.account_tables(tenant_id, body.get("account", {}))
 
-        # (address, options, where in the file: scope and needle)
+    def convert(self, raw: Any, model: type[T], key: str, scope: Scope) -> T | None:
+        """A table into a model; unknown keys and wrong types become problems."""
+        if not isinstance(raw, dict):
+            self.problem(key, "must be a table", scope)
+            return None
+        known: tuple[str, ...] = getattr(model, "__struct_fields__", ())
+        unknown = [k for k in raw if k not in known]
+        for name in unknown:
+            self.problem(f"{key}.{name}", "unknown key", (*scope, name))
+        values = {k: v for k, v in raw.items() if k not in unknown}
+        try:
+            return msgspec.convert(values, model)
+        except msgspec.ValidationError as first:
+            # msgspec stops at the first bad field; convert field by field (with the
+            # others' values) to report every one of them.
+            failed = False
+            required = _required(model)
+            for name in values:
+                alone = {n: v for n, v in values.items() if n == name or n in required}
+                try:
+                    msgspec.convert(alone, model)
+                except msgspec.ValidationError as exc:
+                    if f"`$.{name}`" in str(exc):
+                        failed = True
+                        self.problem(f"{key}.{name}", _message(exc), (*scope, name))
+            if not failed:
+                self.problem(key, _message(first), scope)
+            return None
+
+    def address(self, address: str, tenant_domains: list[str], key: str, scope: Scope,
+                needle: str = "") -> str | None:
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain:
+            self.problem(key, "must be a full address local@domain", scope, needle)
+            return None
+        try:
+            lookup = f"{normalise_local(local)}@{normalise_domain(domain)}"
+        except UnicodeError:
+            self.problem(key, "domain is not valid", scope, needle)
+            return None
+        if lookup.rpartition("@")[2] not in tenant_domains:
+            self.problem(key, f"domain {domain} is not one of this tenant's domains", scope,
+                         needle)
+            return None
+        if lookup in self.recipients:
+            self.problem(key, "address listed twice", scope, needle)
+            return None
+        return lookup
+
+    def mailboxes(self, tenant_id: str, body: dict[str, Any], tenant_domains: list[str]) -> None:
+        problem = self.problem
+        where = f"tenant.{tenant_id}"
+        here: Scope = ("tenant", tenant_id)
         entries: list[tuple[str, dict[str, Any], Scope, str]] = [
             (address, {}, (*here, "mailboxes"), f'"{address}"') for address in
             _list_of_str(body.get("mailboxes", []), f"{where}.mailboxes",
@@ -185,28 +342,16 @@ def parse_tenants(text: str) -> _Snapshot:
             entries.append((address, options, (*here, "mailbox", address), ""))
         for address, options, scope, needle in entries:
             key = f"{where}.mailbox.{address}"
-            local, at, domain = address.rpartition("@")
-            if not at or not local or not domain:
-                problem(key, "must be a full address local@domain", scope, needle)
-                continue
-            try:
-                lookup = f"{normalise_local(local)}@{normalise_domain(domain)}"
-            except UnicodeError:
-                problem(key, "domain is not valid", scope, needle)
-                continue
-            if lookup.rpartition("@")[2] not in tenant_domains:
-                problem(key, f"domain {domain} is not one of this tenant's domains", scope,
-                        needle)
-                continue
-            if lookup in recipients:
-                problem(key, "mailbox listed twice", scope, needle)
+            lookup = self.address(address, tenant_domains, key, scope, needle)
+            if lookup is None:
                 continue
             for option in options:
                 if option not in MAILBOX_KEYS:
                     problem(f"{key}.{option}", "unknown key", (*scope, option))
             storage = options.get("storage")
             if storage is not None and not (isinstance(storage, str) and (
-                    storage.startswith("unix:/") or re.fullmatch(r"\[?[\w.:-]+\]?:\d+", storage))):
+                    storage.startswith("unix:/")
+                    or re.fullmatch(r"\[?[\w.:-]+\]?:\d+", storage))):
                 problem(f"{key}.storage", "must be an LMTP endpoint host:port or unix:/path",
                         (*scope, "storage"))
                 storage = None
@@ -217,39 +362,165 @@ def parse_tenants(text: str) -> _Snapshot:
                     problem(f"{key}.{flag}", "must be true or false", (*scope, flag))
                     value = False
                 flags[flag] = value
-            recipients[lookup] = Recipient(address=lookup, tenant=tenant_id, storage=storage,
-                                           disabled=flags["disabled"],
-                                           over_quota=flags["over_quota"])
-    if problems:
-        raise InvalidData(problems)
-    return _Snapshot(tenants=tenants, domains=domains, recipients=recipients)
+            autoreply = None
+            if "autoreply" in options:
+                autoreply = self.convert(options["autoreply"], Autoreply, f"{key}.autoreply",
+                                         (*scope, "autoreply"))
+            self.recipients[lookup] = Recipient(
+                address=lookup, tenant=tenant_id, storage=storage, disabled=flags["disabled"],
+                over_quota=flags["over_quota"], autoreply=autoreply)
 
+    def redirects(self, tenant_id: str, kind: Literal["alias", "forward"], raw: Any,
+                  tenant_domains: list[str]) -> None:
+        where = f"tenant.{tenant_id}.{kind}"
+        here: Scope = ("tenant", tenant_id, kind)
+        if not isinstance(raw, dict):
+            self.problem(where, f"must be a table of {kind}es", here)
+            return
+        allowed = {"targets", "keep_copy"} if kind == "forward" else {"targets"}
+        for address, options in raw.items():
+            key, scope = f"{where}.{address}", (*here, address)
+            if not isinstance(options, dict):
+                self.problem(key, "must be a table", scope)
+                continue
+            lookup = self.address(address, tenant_domains, key, scope)
+            if lookup is None:
+                continue
+            for option in options:
+                if option not in allowed:
+                    self.problem(f"{key}.{option}", "unknown key", (*scope, option))
+            targets: list[str] = []
+            for target in _list_of_str(options.get("targets", []), f"{key}.targets",
+                                       (*scope, "targets"), self.problem):
+                local, at, domain = target.rpartition("@")
+                try:
+                    if not at or not local or not domain:
+                        raise UnicodeError
+                    targets.append(f"{normalise_local(local)}@{normalise_domain(domain)}")
+                except UnicodeError:
+                    self.problem(f"{key}.targets", f"{target!r} is not an address",
+                                 (*scope, "targets"), target)
+            if not targets:
+                self.problem(f"{key}.targets", "needs at least one target address", scope)
+                continue
+            keep_copy = options.get("keep_copy", False)
+            if not isinstance(keep_copy, bool):
+                self.problem(f"{key}.keep_copy", "must be true or false", (*scope, "keep_copy"))
+                keep_copy = False
+            self.recipients[lookup] = Recipient(address=lookup, tenant=tenant_id, kind=kind,
+                                                targets=tuple(targets), keep_copy=keep_copy)
 
-def _list_of_str(value: Any, key: str, scope: Scope, problem: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        problem(key, "must be a list of strings", scope)
-        return []
-    return list(value)
+    def domain_tables(self, tenant_id: str, raw: Any, tenant_domains: list[str],
+                      policy: Policy) -> None:
+        where = f"tenant.{tenant_id}.domain"
+        here: Scope = ("tenant", tenant_id, "domain")
+        for domain in tenant_domains:
+            self.domain_info[domain] = DomainInfo(domain=domain, tenant=tenant_id, policy=policy)
+            self.dkim[domain] = DkimKeys(domain=domain)
+        if not isinstance(raw, dict):
+            self.problem(where, "must be a table of domains", here)
+            return
+        for name, options in raw.items():
+            key, scope = f"{where}.{name}", (*here, name)
+            try:
+                domain = normalise_domain(name)
+            except UnicodeError:
+                domain = name
+            if domain not in tenant_domains:
+                self.problem(key, f"{name} is not one of this tenant's domains", scope)
+                continue
+            if not isinstance(options, dict):
+                self.problem(key, "must be a table", scope)
+                continue
+            for option in options:
+                if option not in DOMAIN_KEYS:
+                    self.problem(f"{key}.{option}", "unknown key", (*scope, option))
+            overrides = options.get("policy", {})
+            if overrides:
+                unknown = set(overrides) - POLICY_KEYS if isinstance(overrides, dict) else set()
+                for name_ in sorted(unknown):
+                    self.problem(f"{key}.policy.{name_}", "unknown key",
+                                 (*scope, "policy", name_))
+                if isinstance(overrides, dict) and not unknown:
+                    merged = self.convert({**policy.as_mapping(), **overrides}, Policy,
+                                          f"{key}.policy", (*scope, "policy"))
+                    if merged is not None:
+                        self.domain_info[domain] = DomainInfo(domain=domain, tenant=tenant_id,
+                                                              policy=merged)
+            if "catch_all" in options:
+                target = options["catch_all"]
+                local, at, tdomain = target.rpartition("@") if isinstance(target, str) else \
+                    ("", "", "")
+                if not at:
+                    self.problem(f"{key}.catch_all", "must be a mailbox address",
+                                 (*scope, "catch_all"))
+                else:
+                    self._catch_all_pending.append(
+                        (domain, f"{normalise_local(local)}@{normalise_domain(tdomain)}",
+                         f"{key}.catch_all", (*scope, "catch_all")))
+            dkim = options.get("dkim", {})
+            if not isinstance(dkim, dict):
+                self.problem(f"{key}.dkim", "must be a table of selectors", (*scope, "dkim"))
+                continue
+            keys = [k for k in (self.dkim_key(selector, spec, f"{key}.dkim.{selector}",
+                                              (*scope, "dkim", selector))
+                                for selector, spec in dkim.items()) if k is not None]
+            if keys:
+                self.dkim[domain] = DkimKeys(domain=domain, keys=tuple(keys))
 
+    def dkim_key(self, selector: str, spec: Any, key: str, scope: Scope) -> DkimKey | None:
+        if not isinstance(spec, dict):
+            self.problem(key, "must be a table", scope)
+            return None
+        for option in spec:
+            if option not in DKIM_KEYS:
+                self.problem(f"{key}.{option}", "unknown key", (*scope, option))
+        pem = spec.get("private_key")
+        if "private_key_file" in spec:
+            path = Path(str(spec["private_key_file"]))
+            path = path if path.is_absolute() else self.base / path
+            try:
+                pem = path.read_text()
+            except OSError as exc:
+                self.problem(f"{key}.private_key_file", f"cannot read {path}: {exc.strerror}",
+                             (*scope, "private_key_file"))
+                return None
+        if not isinstance(pem, str) or "PRIVATE KEY-----" not in pem:
+            self.problem(key, "needs private_key (PEM) or private_key_file", scope)
+            return None
+        fields = {k: v for k, v in spec.items() if k in ("algorithm", "active")}
+        return self.convert({"selector": selector, "private_key": pem, **fields}, DkimKey,
+                            key, scope)
 
-def _policy(raw: Any, key: str, scope: Scope, problem: Any) -> TenantPolicy:
-    if not isinstance(raw, dict):
-        problem(key, "must be a table", scope)
-        return TenantPolicy()
-    for option in raw:
-        if option not in POLICY_KEYS:
-            problem(f"{key}.{option}", "unknown key", (*scope, option))
-    size = raw.get("max_message_size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
-        problem(f"{key}.max_message_size", "must be a positive integer (bytes)",
-                (*scope, "max_message_size"))
-        size = None
-    copies = raw.get("rejected_copies", "quarantine")
-    if copies not in ("quarantine", "discard"):
-        problem(f"{key}.rejected_copies", "must be 'quarantine' or 'discard'",
-                (*scope, "rejected_copies"))
-        copies = "quarantine"
-    return TenantPolicy(max_message_size=size, rejected_copies=copies)
+    def account_tables(self, tenant_id: str, raw: Any) -> None:
+        where = f"tenant.{tenant_id}.account"
+        here: Scope = ("tenant", tenant_id, "account")
+        if not isinstance(raw, dict):
+            self.problem(where, "must be a table of accounts", here)
+            return
+        for username, options in raw.items():
+            key, scope = f"{where}.{username}", (*here, username)
+            if not isinstance(options, dict):
+                self.problem(key, "must be a table", scope)
+                continue
+            password = options.get("password")
+            if not isinstance(password, str):
+                self.problem(f"{key}.password",
+                             "a password hash is required (mailedge hash-password)", scope)
+                continue
+            try:
+                check_format(password)
+            except BadHash as exc:
+                self.problem(f"{key}.password", str(exc), (*scope, "password"))
+                continue
+            if username.lower() in self.accounts:
+                self.problem(key, "account listed twice", scope)
+                continue
+            fields = {k: v for k, v in options.items() if k != "password"}
+            account = self.convert({"username": username, "tenant": tenant_id, **fields},
+                                   Account, key, scope)
+            if account is not None:
+                self.accounts[username.lower()] = StoredAccount(account, password)
 
 
 class FileDirectory:
@@ -261,6 +532,7 @@ class FileDirectory:
         self._mtime = self._stat()  # before reading: a change while reading is seen later
         self._snapshot = self._load()
         self._checked = time.monotonic()
+        self.events: list[Event] = []
 
     def _stat(self) -> float:
         try:
@@ -274,7 +546,7 @@ class FileDirectory:
         except OSError as exc:
             raise InvalidData([("(file)", None, f"cannot read {self.path}: {exc.strerror}")]) \
                 from None
-        return parse_tenants(text)
+        return parse_tenants(text, self.path.parent)
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -299,17 +571,71 @@ class FileDirectory:
         if tenant is None:
             return Unknown()
         found = snapshot.recipients.get(f"{local}@{domain}")
-        return found if found is not None else Unknown(tenant=tenant)
+        if found is not None:
+            return found
+        target = snapshot.catch_all.get(domain)
+        if target is not None:
+            mailbox = snapshot.recipients[target]
+            return msgspec.structs.replace(mailbox, kind="catch_all")
+        return Unknown(tenant=tenant)
 
     async def tenant(self, tenant_id: str) -> Tenant | None:
         self._maybe_reload()
         return self._snapshot.tenants.get(tenant_id)
+
+    async def domain(self, domain: str) -> DomainInfo | None:
+        self._maybe_reload()
+        return self._snapshot.domain_info.get(domain)
+
+    async def authenticate(self, username: str, password: str, *, mechanism: str,
+                           client_ip: str) -> Account | None:
+        self._maybe_reload()
+        stored = self._snapshot.accounts.get(username.lower())
+        if stored is None:
+            # Same work as a wrong password, so timing does not tell who exists.
+            await verify_password_async(password, _DUMMY_HASH)
+            return None
+        if await verify_password_async(password, stored.password_hash):
+            return stored.account
+        return None
+
+    def account(self, username: str) -> Account | None:
+        self._maybe_reload()
+        stored = self._snapshot.accounts.get(username.lower())
+        return None if stored is None else stored.account
+
+    async def sender_allowed(self, username: str, sender: str) -> bool:
+        account = self.account(username)
+        return account is not None and account.may_send_as(sender)
+
+    async def dkim_keys(self, domain: str) -> DkimKeys:
+        self._maybe_reload()
+        return self._snapshot.dkim.get(domain) or DkimKeys(domain=domain)
+
+    async def account_limits(self, username: str) -> Limits:
+        account = self.account(username)
+        return Limits() if account is None else account.limits
+
+    async def tenant_limits(self, tenant_id: str) -> Limits:
+        self._maybe_reload()
+        return self._snapshot.tenant_limits.get(tenant_id) or Limits()
+
+    async def report(self, event: Event) -> None:
+        # No provider behind a file: the event is logged for the operator, and kept.
+        self.events.append(event)
+        del self.events[:-1000]
+        log.warning("tenant event %s: tenant=%s account=%s %s", event.type, event.tenant,
+                    event.account or "-", event.reason)
 
     def ready(self) -> bool:
         return True
 
     async def aclose(self) -> None:
         return None
+
+
+# A real scrypt hash of a random password, for constant-time refusals.
+_DUMMY_HASH = hash_password(secrets.token_hex(8))
 
 
 __all__ = ["FileDirectory", "Unavailable", "normalise_domain", "normalise_local",
