@@ -5,6 +5,8 @@
     mailedge print-pipeline --config PATH [--tenant T]
     mailedge queue list|show ID|retry ID|delete ID --config PATH
     mailedge dev-cert       [--dir var/tls] [--hostname NAME]
+    mailedge tenant-api     --data FILE --listen HOST:PORT --token TOKEN
+    mailedge hash-password  [--password P]
 
 `queue` talks to the running node's admin API (`[admin] listen`), so the node's
 in-memory schedule and the spool stay in agreement; with the node stopped, `list`
@@ -219,6 +221,32 @@ def _queue_offline(settings: Settings, action: str, queue_id: str | None) -> int
         spool.close()
 
 
+def tenant_api(data: Path, listen: str, token: str | None) -> int:
+    """Serve the tenant API contract from a tenants file (the reference server)."""
+    import os
+
+    from gateway.config import parse_host_port
+    from tenant_api_client.server import serve
+
+    _setup_logging("info")
+    address = parse_host_port(listen)
+    if address is None:
+        print(f"mailedge tenant-api: --listen {listen!r} is not host:port", file=sys.stderr)
+        return 2
+    token = token or os.environ.get("MAILEDGE_API_TOKEN")
+    if not token:
+        print("mailedge tenant-api: give --token or set MAILEDGE_API_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        FileDirectory(data)
+    except InvalidData as exc:
+        print(exc.render(str(data)), file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(data, address.host, address.port, token))
+    return 0
+
+
 def dev_cert(directory: Path, hostname: str) -> int:
     if (directory / "cert.pem").exists() and (directory / "key.pem").exists():
         return 0
@@ -241,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     with_config(commands.add_parser("check-config", help="validate config and tenants"))
     pp = with_config(commands.add_parser("print-pipeline", help="show the filter order"))
     pp.add_argument("--tenant")
+    ta = commands.add_parser("tenant-api", help="run the reference tenant API server")
+    ta.add_argument("--data", default="config/tenants.toml", help="tenants file to serve")
+    ta.add_argument("--listen", default="127.0.0.1:8081")
+    ta.add_argument("--token", default=None,
+                    help="bearer token clients must send (default: $MAILEDGE_API_TOKEN)")
+    hp = commands.add_parser("hash-password", help="hash a password for the tenants file")
+    hp.add_argument("--password", help="default: read from standard input")
     dc = commands.add_parser("dev-cert", help="make a self-signed TLS pair if missing")
     dc.add_argument("--dir", default="var/tls")
     dc.add_argument("--hostname", default="localhost")
@@ -255,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.config)
     if args.command == "print-pipeline":
         return print_pipeline(args.config, args.tenant)
+    if args.command == "tenant-api":
+        return tenant_api(Path(args.data), args.listen, args.token)
+    if args.command == "hash-password":
+        from tenant_api_client.passwords import hash_password
+
+        password = args.password if args.password is not None else sys.stdin.readline()
+        print(hash_password(password.rstrip("\n")))
+        return 0
     if args.command == "dev-cert":
         return dev_cert(Path(args.dir), args.hostname)
     if args.command == "queue":
