@@ -31,6 +31,7 @@ import msgspec
 from tenant_api_client.errors import InvalidResponse, Unavailable
 from tenant_api_client.models import (
     Account,
+    ApiError,
     AuthRequest,
     DkimKeys,
     DomainInfo,
@@ -44,7 +45,7 @@ from tenant_api_client.models import (
 
 V = TypeVar("V")
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
-_NO_STORE = re.compile(r"(?:^|,)\s*(no-store|no-cache|private)\b", re.IGNORECASE)
+_NO_STORE = re.compile(r"(?:^|,)\s*(no-store|no-cache)\b", re.IGNORECASE)
 RETRY_STATUSES = frozenset({502, 503, 504})
 
 
@@ -72,6 +73,14 @@ def cache_directives(headers: httpx.Headers) -> tuple[float | None, bool]:
     value = headers.get("cache-control", "")
     match = _MAX_AGE.search(value)
     return (float(match.group(1)) if match else None), bool(_NO_STORE.search(value))
+
+
+def _error_code(response: httpx.Response) -> str:
+    """The contract's error code of a 4xx/5xx body ("" when there is none)."""
+    try:
+        return msgspec.json.decode(response.content, type=ApiError).error
+    except msgspec.DecodeError:
+        return ""
 
 
 class TenantApiClient:
@@ -202,7 +211,7 @@ class TenantApiClient:
         path = "/v1/auth"
         response = await self._request("POST", path, budget=self.timeouts.auth, retry=False,
                                         json=msgspec.json.encode(request))
-        if response.status_code == 401:
+        if response.status_code == 401 and _error_code(response) == "invalid_credentials":
             return self._answer(response, None, negative=True)
         self._check(response, path, (200,))
         return self._answer(response, self._decode(response, Account, path))

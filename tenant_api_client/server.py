@@ -57,7 +57,9 @@ def _json(value: Any, status: int = 200, max_age: int | None = None) -> web.Resp
 
 
 def _error(status: int, error: str, detail: str = "") -> web.Response:
-    response = _json(ApiError(error=error, detail=detail), status)
+    # "Not found" is an answer like any other: cacheable for a minute (the contract).
+    response = _json(ApiError(error=error, detail=detail), status,
+                     NEGATIVE_MAX_AGE if status == 404 else None)
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="mailedge-tenant-api"'
     return response
@@ -70,7 +72,7 @@ class BadRequest(Exception):
 def lookup_key(address: str) -> tuple[str, str]:
     """Normalise an address the way the gateway does (the server must agree)."""
     local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or any(c in address for c in "\r\n\0 "):
+    if not at or not local or not domain or any(c in address for c in "\r\n\0"):
         raise BadRequest(f"{address!r} is not an address")
     try:
         domain = normalise_domain(domain)
@@ -125,23 +127,23 @@ class ReferenceServer:
         if self.fault == "slow":
             await asyncio.sleep(self.slow_seconds)
         elif self.fault == "500":
-            return _error(500, "internal error", "fault injected")
+            return _error(500, "unavailable", "fault injected")
         elif self.fault == "malformed":
             return web.Response(body=b'{"address": ', content_type="application/json")
         if request.path != "/v1/health":
             supplied = request.headers.get("Authorization", "")
             expected = f"Bearer {self.token}"
             if not hmac.compare_digest(supplied.encode(), expected.encode()):
-                return _error(401, "unauthorized", "a valid bearer token is required")
+                return _error(401, "invalid_token", "a valid bearer token is required")
         try:
             response = await handler(request)
         except BadRequest as exc:
-            return _error(400, "bad request", str(exc))
+            return _error(400, "bad_request", str(exc))
         except web.HTTPException as exc:
             if exc.status == 404:
-                return _error(404, "not found", "no such resource")
+                return _error(404, "not_found", "no such resource")
             if exc.status == 405:
-                return _error(405, "method not allowed")
+                return _error(405, "method_not_allowed")
             raise
         etag = response.headers.get("ETag")
         if etag and request.headers.get("If-None-Match") == etag and response.status == 200:
@@ -165,13 +167,13 @@ class ReferenceServer:
     async def tenant(self, request: web.Request) -> web.Response:
         found = await self.directory.tenant(request.match_info["tenant_id"])
         if found is None:
-            return _error(404, "not found", "no such tenant")
+            return _error(404, "not_found", "no such tenant")
         return _json(found, 200, POLICY_MAX_AGE)
 
     async def tenant_limits(self, request: web.Request) -> web.Response:
         tenant_id = request.match_info["tenant_id"]
         if await self.directory.tenant(tenant_id) is None:
-            return _error(404, "not found", "no such tenant")
+            return _error(404, "not_found", "no such tenant")
         return _json(await self.directory.tenant_limits(tenant_id), 200, POLICY_MAX_AGE)
 
     def _domain(self, request: web.Request) -> str:
@@ -183,13 +185,13 @@ class ReferenceServer:
     async def domain(self, request: web.Request) -> web.Response:
         found = await self.directory.domain(self._domain(request))
         if found is None:
-            return _error(404, "not found", "domain not hosted")
+            return _error(404, "not_found", "domain not hosted")
         return _json(found, 200, POLICY_MAX_AGE)
 
     async def dkim(self, request: web.Request) -> web.Response:
         domain = self._domain(request)
         if await self.directory.domain(domain) is None:
-            return _error(404, "not found", "domain not hosted")
+            return _error(404, "not_found", "domain not hosted")
         return _json(await self.directory.dkim_keys(domain), 200, POLICY_MAX_AGE)
 
     async def _body(self, request: web.Request, model: type[Any]) -> Any:
@@ -204,20 +206,20 @@ class ReferenceServer:
                                                     mechanism=body.mechanism,
                                                     client_ip=body.client_ip)
         if account is None:
-            return _error(401, "invalid credentials")
+            return _error(401, "invalid_credentials")
         return _json(account)
 
     async def sender(self, request: web.Request) -> web.Response:
         username = request.match_info["username"]
         if self.directory.account(username) is None:
-            return _error(404, "not found", "no such account")
+            return _error(404, "not_found", "no such account")
         allowed = await self.directory.sender_allowed(username, request.match_info["sender"])
         return _json(SenderPermission(allowed=allowed), 200, POSITIVE_MAX_AGE)
 
     async def account_limits(self, request: web.Request) -> web.Response:
         username = request.match_info["username"]
         if self.directory.account(username) is None:
-            return _error(404, "not found", "no such account")
+            return _error(404, "not_found", "no such account")
         return _json(await self.directory.account_limits(username), 200, POLICY_MAX_AGE)
 
     async def events(self, request: web.Request) -> web.Response:
