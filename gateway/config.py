@@ -89,6 +89,19 @@ class InboundSettings:
 @dataclass(frozen=True, slots=True)
 class TenantSettings:
     file: Path = Path("config/tenants.toml")
+    api_url: str | None = None  # set: the provider's tenant API replaces the file
+    token: str | None = None
+    token_file: Path | None = None
+    lookup_timeout: float = 2.0
+    auth_timeout: float = 5.0
+    cache_size: int = 100_000  # entries per call type
+    recipient_stale: float = 3600.0  # seconds a recipient may be served past expiry
+    policy_stale: float = 86400.0  # domain and tenant policy, DKIM keys
+    limits_stale: float = 3600.0
+    negative_ttl: float = 60.0  # "no such recipient" kept this long, never served stale
+    auth_ttl: float = 60.0  # successful logins, cached under a keyed hash only
+    breaker_failures: int = 5  # consecutive failures that open the circuit
+    breaker_reset: float = 10.0  # seconds before a trial request
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,9 +372,43 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
                                                 for p in reader.problems):
         reader.problem("inbound.listen", "must name at least one address")
 
-    t = reader.table("tenants", {"file"})
+    td = TenantSettings()
+    t = reader.table("tenants", {"file", "api_url", "token", "token_file", "lookup_timeout",
+                                 "auth_timeout", "cache_size", "recipient_stale",
+                                 "policy_stale", "limits_stale", "negative_ttl", "auth_ttl",
+                                 "breaker_failures", "breaker_reset"})
+
+    def non_negative(value: Any) -> str | None:
+        return None if value >= 0 else "must not be negative"
+
+    api_url = reader.get(t, "tenants.api_url", str, None,
+                         lambda v: None if re.fullmatch(r"https?://[^\s/]+(/\S*)?", v)
+                         else "must be an http:// or https:// URL")
     tenants = TenantSettings(
-        file=reader.path(t, "tenants.file", TenantSettings().file) or TenantSettings().file)
+        file=reader.path(t, "tenants.file", td.file) or td.file,
+        api_url=api_url or None,
+        token=reader.get(t, "tenants.token", str, None),
+        token_file=reader.path(t, "tenants.token_file", None),
+        lookup_timeout=reader.get(t, "tenants.lookup_timeout", float, td.lookup_timeout,
+                                  _positive),
+        auth_timeout=reader.get(t, "tenants.auth_timeout", float, td.auth_timeout, _positive),
+        cache_size=reader.get(t, "tenants.cache_size", int, td.cache_size, _positive),
+        recipient_stale=reader.get(t, "tenants.recipient_stale", float, td.recipient_stale,
+                                   non_negative),
+        policy_stale=reader.get(t, "tenants.policy_stale", float, td.policy_stale,
+                                non_negative),
+        limits_stale=reader.get(t, "tenants.limits_stale", float, td.limits_stale,
+                                non_negative),
+        negative_ttl=reader.get(t, "tenants.negative_ttl", float, td.negative_ttl,
+                                non_negative),
+        auth_ttl=reader.get(t, "tenants.auth_ttl", float, td.auth_ttl, non_negative),
+        breaker_failures=reader.get(t, "tenants.breaker_failures", int, td.breaker_failures,
+                                    _positive),
+        breaker_reset=reader.get(t, "tenants.breaker_reset", float, td.breaker_reset,
+                                 _positive),
+    )
+    if tenants.api_url and not (tenants.token or tenants.token_file):
+        reader.problem("tenants.api_url", "needs tenants.token or tenants.token_file")
 
     t = reader.table("storage", {"lmtp", "maildir", "lmtp_max_connections",
                                  "lmtp_connect_timeout", "lmtp_command_timeout",
