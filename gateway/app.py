@@ -36,6 +36,8 @@ from gateway.session import header_end
 from gateway.smtp_handler import Listener
 from gateway.spool import Envelope, Failed, QueueIdFactory, Spool, SpoolFS, SpoolRecipient
 from tenant_api_client import FileDirectory, TenantDirectory
+from tenant_api_client.cached import CachedTenantDirectory, CacheSettings
+from tenant_api_client.client import TenantApiClient, Timeouts
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,28 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def build_directory(settings: Settings) -> TenantDirectory:
+    """The tenant API (cached) when `[tenants] api_url` is set, else the tenants file."""
+    t = settings.tenants
+    if t.api_url is None:
+        return FileDirectory(t.file)
+    token = t.token or ""
+    if t.token_file is not None:
+        token = t.token_file.read_text().strip()
+    client = TenantApiClient(t.api_url, token,
+                             timeouts=Timeouts(lookup=t.lookup_timeout, auth=t.auth_timeout))
+    return CachedTenantDirectory(client, CacheSettings(
+        size=t.cache_size, recipient_stale=t.recipient_stale, policy_stale=t.policy_stale,
+        limits_stale=t.limits_stale, negative_ttl=t.negative_ttl, auth_ttl=t.auth_ttl,
+        breaker_failures=t.breaker_failures, breaker_reset=t.breaker_reset))
+
+
 class Node:
     def __init__(self, settings: Settings, *, spool_fs: SpoolFS | None = None,
                  directory: TenantDirectory | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics(settings.admin.tenant_label_limit)
-        self.directory = directory or FileDirectory(settings.tenants.file)
+        self.directory = directory or build_directory(settings)
         self.pipeline = build_pipeline(settings, self.metrics)
         self.spool = Spool(settings.node.spool_dir,
                            fs=spool_fs or SpoolFS(fsync=settings.queue.fsync))

@@ -64,10 +64,14 @@ def check_config(path: str) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
-    try:
-        FileDirectory(settings.tenants.file)
-    except InvalidData as exc:
-        problems.append(exc.render(str(settings.tenants.file)))
+    if settings.tenants.api_url is None:
+        try:
+            FileDirectory(settings.tenants.file)
+        except InvalidData as exc:
+            problems.append(exc.render(str(settings.tenants.file)))
+    elif settings.tenants.token_file is not None and not settings.tenants.token_file.exists():
+        problems.append(f"{path}: tenants.token_file: {settings.tenants.token_file} "
+                        "does not exist")
     try:
         from gateway.app import build_pipeline
 
@@ -80,7 +84,8 @@ def check_config(path: str) -> int:
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 2
-    print(f"{path}: ok ({settings.tenants.file}: ok)")
+    source = settings.tenants.api_url or f"{settings.tenants.file}: ok"
+    print(f"{path}: ok (tenants: {source})")
     return 0
 
 
@@ -95,8 +100,16 @@ def print_pipeline(path: str, tenant: str | None) -> int:
         return 2
     print(pipeline.describe())
     if tenant is not None:
-        directory = FileDirectory(settings.tenants.file)
-        found = asyncio.run(directory.tenant(tenant))
+        from gateway.app import build_directory
+
+        async def lookup() -> Any:
+            directory = build_directory(settings)
+            try:
+                return await directory.tenant(tenant)
+            finally:
+                await directory.aclose()
+
+        found = asyncio.run(lookup())
         if found is None:
             print(f"no tenant {tenant!r}", file=sys.stderr)
             return 1

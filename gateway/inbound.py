@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # Local parts that stay reachable whatever a reputation or policy check held against
 # the client: the addresses a blocked sender needs to ask why (RFC 5321 §4.5.1, RFC 2142).
 ALWAYS_REACHABLE = frozenset({"postmaster", "abuse"})
+MAX_ALIAS_DEPTH = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +153,22 @@ class Inbound:
         if found.over_quota:
             return self._refuse(session, found.tenant, "over_quota", replies.OVER_QUOTA,
                                 address)
-        accepted = AcceptedRecipient(address, found)
+        try:
+            mailboxes = await self._mailboxes(found)
+        except Unavailable:
+            self.metrics.reject(found.tenant, "rcpt", "directory_unavailable")
+            return replies.DIRECTORY_UNAVAILABLE
+        if mailboxes is None:
+            # XXX forwarding to other domains needs SRS (a later issue); until then such
+            # recipients are deferred, never refused and never sent unrewritten.
+            log.warning("session=%s rcpt=<%s> is a %s to other domains: not yet supported",
+                        session.session_id, address.text, found.kind)
+            return self._refuse(session, found.tenant, "forward_unsupported",
+                                replies.FORWARD_UNAVAILABLE, address)
+        if not mailboxes:
+            return self._refuse(session, found.tenant, "alias_empty", replies.NO_SUCH_USER,
+                                address)
+        accepted = AcceptedRecipient(address, mailboxes[0])
         if session.held and address.lookup_local not in ALWAYS_REACHABLE:
             held = session.held[0]
             reply = held.verdict.reply or (replies.DEFAULT_REJECT
@@ -171,12 +187,44 @@ class Inbound:
             return self._refuse(session, found.tenant, f"rcpt:{result.filter}", reply, address)
         txn.tenants[tenant.id] = tenant
         txn.accepted_rcpt_commands += 1
-        if all(r.lookup_key != accepted.lookup_key for r in txn.recipients):
-            txn.recipients.append(accepted)
+        for mailbox in mailboxes:
+            if all(r.lookup_key != mailbox.address for r in txn.recipients):
+                txn.recipients.append(AcceptedRecipient(address, mailbox))
         self.metrics.recipients_accepted.labels(self.metrics.tenant(tenant.id)).inc()
-        log.info("session=%s rcpt=<%s> tenant=%s mailbox=%s accepted", session.session_id,
-                 address.text, tenant.id, found.address)
+        log.info("session=%s rcpt=<%s> tenant=%s %s=%s accepted", session.session_id,
+                 address.text, tenant.id, found.kind,
+                 ",".join(m.address for m in mailboxes))
         return replies.RECIPIENT_OK
+
+    async def _mailboxes(self, found: Recipient, depth: int = 0) -> list[Recipient] | None:
+        """The mailboxes a recipient delivers to; None if it reaches other domains.
+
+        A mailbox or catch-all is itself (the directory already resolved a catch-all to
+        its mailbox). An alias expands to its targets, aliases of aliases up to a few
+        levels (a loop ends there); targets that do not exist are skipped and logged.
+        """
+        if found.kind in ("mailbox", "catch_all"):
+            return [found]
+        if found.kind == "forward" or depth >= MAX_ALIAS_DEPTH:
+            return None if found.kind == "forward" else []
+        result: list[Recipient] = []
+        for target in found.targets:
+            local, _, domain = target.rpartition("@")
+            answer = await self.directory.lookup_recipient(local, domain)
+            if isinstance(answer, Unknown):
+                if not answer.domain_hosted:
+                    return None
+                log.warning("alias %s: target %s does not exist", found.address, target)
+                continue
+            if answer.tenant != found.tenant:
+                log.warning("alias %s: target %s belongs to tenant %s", found.address, target,
+                            answer.tenant)
+                continue
+            expanded = await self._mailboxes(answer, depth + 1)
+            if expanded is None:
+                return None
+            result.extend(m for m in expanded if not (m.disabled or m.over_quota))
+        return result
 
     def _refuse(self, session: Session, tenant: str | None, reason: str, reply: Reply,
                 address: Address) -> Reply:

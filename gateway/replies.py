@@ -51,6 +51,7 @@ RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 MAILBOX_DISABLED = Reply(550, "5.2.1", "Recipient mailbox disabled")
 OVER_QUOTA = Reply(452, "4.2.2", "Recipient mailbox full, try again later")
 DIRECTORY_UNAVAILABLE = Reply(451, "4.4.3", "Recipient lookup temporarily unavailable")
+FORWARD_UNAVAILABLE = Reply(451, "4.3.0", "Recipient forwards elsewhere: not accepted yet")
 
 # Local trouble
 LOCAL_ERROR = Reply(451, "4.3.0", "Temporary local problem, try again later")

@@ -91,6 +91,10 @@ class ReferenceServer:
         self.requests = 0  # every request that reached a handler, for tests and logs
         self.fault: str | None = None
         self.slow_seconds = 5.0
+        # Cache-Control max-age of found / not-found / policy answers (tests shorten them).
+        self.positive_max_age = POSITIVE_MAX_AGE
+        self.negative_max_age = NEGATIVE_MAX_AGE
+        self.policy_max_age = POLICY_MAX_AGE
         self.app = web.Application(middlewares=[self._middleware])
         self.app.add_routes([
             web.get("/v1/health", self.health),
@@ -161,20 +165,20 @@ class ReferenceServer:
         local, domain = lookup_key(request.match_info["address"])
         found = await self.directory.lookup_recipient(local, domain)
         if isinstance(found, Unknown):
-            return _json(found, 404, NEGATIVE_MAX_AGE)
-        return _json(found, 200, POSITIVE_MAX_AGE)
+            return _json(found, 404, self.negative_max_age)
+        return _json(found, 200, self.positive_max_age)
 
     async def tenant(self, request: web.Request) -> web.Response:
         found = await self.directory.tenant(request.match_info["tenant_id"])
         if found is None:
             return _error(404, "not_found", "no such tenant")
-        return _json(found, 200, POLICY_MAX_AGE)
+        return _json(found, 200, self.policy_max_age)
 
     async def tenant_limits(self, request: web.Request) -> web.Response:
         tenant_id = request.match_info["tenant_id"]
         if await self.directory.tenant(tenant_id) is None:
             return _error(404, "not_found", "no such tenant")
-        return _json(await self.directory.tenant_limits(tenant_id), 200, POLICY_MAX_AGE)
+        return _json(await self.directory.tenant_limits(tenant_id), 200, self.policy_max_age)
 
     def _domain(self, request: web.Request) -> str:
         try:
@@ -186,13 +190,13 @@ class ReferenceServer:
         found = await self.directory.domain(self._domain(request))
         if found is None:
             return _error(404, "not_found", "domain not hosted")
-        return _json(found, 200, POLICY_MAX_AGE)
+        return _json(found, 200, self.policy_max_age)
 
     async def dkim(self, request: web.Request) -> web.Response:
         domain = self._domain(request)
         if await self.directory.domain(domain) is None:
             return _error(404, "not_found", "domain not hosted")
-        return _json(await self.directory.dkim_keys(domain), 200, POLICY_MAX_AGE)
+        return _json(await self.directory.dkim_keys(domain), 200, self.policy_max_age)
 
     async def _body(self, request: web.Request, model: type[Any]) -> Any:
         try:
@@ -214,13 +218,13 @@ class ReferenceServer:
         if self.directory.account(username) is None:
             return _error(404, "not_found", "no such account")
         allowed = await self.directory.sender_allowed(username, request.match_info["sender"])
-        return _json(SenderPermission(allowed=allowed), 200, POSITIVE_MAX_AGE)
+        return _json(SenderPermission(allowed=allowed), 200, self.positive_max_age)
 
     async def account_limits(self, request: web.Request) -> web.Response:
         username = request.match_info["username"]
         if self.directory.account(username) is None:
             return _error(404, "not_found", "no such account")
-        return _json(await self.directory.account_limits(username), 200, POLICY_MAX_AGE)
+        return _json(await self.directory.account_limits(username), 200, self.policy_max_age)
 
     async def events(self, request: web.Request) -> web.Response:
         event: Event = await self._body(request, Event)
