@@ -225,3 +225,36 @@ async def test_starttls(node_factory, tmp_path) -> None:  # type: ignore[no-unty
     await harness.wait_empty()
     [stored] = harness.maildir_messages("alice@example.test")
     assert b"with ESMTPS" in stored
+
+
+ALIAS_TENANTS = """
+[tenant.acme]
+domains = ["example.test", "catch.example"]
+mailboxes = ["alice@example.test", "bob@example.test", "inbox@catch.example"]
+[tenant.acme.alias."team@example.test"]
+targets = ["alice@example.test", "bob@example.test", "gone@example.test"]
+[tenant.acme.alias."all@example.test"]
+targets = ["team@example.test", "alice@example.test"]
+[tenant.acme.forward."old@example.test"]
+targets = ["new@elsewhere.example"]
+[tenant.acme.domain."catch.example"]
+catch_all = "inbox@catch.example"
+"""
+
+
+async def test_alias_catch_all_and_forward(node_factory) -> None:  # type: ignore[no-untyped-def]
+    harness = await node_factory(tenants=ALIAS_TENANTS)
+    client, _ = await RawSMTP.connect(harness.port)
+    reply = await client.transaction("s@remote.example",
+                                     ["all@example.test", "whoever@catch.example"],
+                                     dot_stuff(message("alias")))
+    assert reply.code == 250
+    await client.cmd("MAIL FROM:<s@remote.example>")
+    reply = await client.cmd("RCPT TO:<old@example.test>")
+    assert (reply.code, reply.status) == (451, "4.3.0")  # forwarding needs SRS: deferred
+    await client.close()
+    await harness.wait_empty()
+    # all@ -> team@ (alice, bob; gone@ skipped) + alice: one copy each, no duplicates.
+    assert len(harness.maildir_messages("alice@example.test")) == 1
+    assert len(harness.maildir_messages("bob@example.test")) == 1
+    assert len(harness.maildir_messages("inbox@catch.example")) == 1
