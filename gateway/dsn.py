@@ -235,7 +235,7 @@ def build_dsn(
     sender_text = _clean(original_sender, utf8=utf8)
     top = [
         f"From: Mail Delivery System <MAILER-DAEMON@{_clean(reporting_mta, utf8=False)}>",
-        *_fold("To", f"<{sender_text}>"),
+        *_fold("To", f"<{sender_text}>", soft_limit=_HARD_LIMIT),
         f"Subject: {subject}",
         f"Date: {email.utils.format_datetime(when)}",
         *_fold("Message-ID", f"<{_clean(dsn_id, utf8=False)}@{_clean(reporting_mta, utf8=False)}>"),
@@ -292,8 +292,11 @@ def _address_field(name: str, address: str) -> str:
     return f"{name}: {addr_type}; {_clean(address, utf8=True)}"
 
 
-def _fold(name: str, value: str) -> list[str]:
+def _fold(name: str, value: str, *, soft_limit: int = _SOFT_LIMIT) -> list[str]:
     """A header field as physical lines: folded at spaces near 78 octets, never over 998.
+
+    Fields that hold one address pass ``soft_limit=_HARD_LIMIT`` so that an address is
+    never separated from its type ("rfc822;") unless the line limit forces it.
 
     A run of text without spaces longer than the hard limit is split into pieces on
     continuation lines (which reads back with a space at each split: acceptable for
@@ -303,7 +306,7 @@ def _fold(name: str, value: str) -> list[str]:
     current = f"{name}:"
     for word in value.split():
         for piece in _split_long(word):
-            if _octets(current) + 1 + _octets(piece) <= _SOFT_LIMIT or current == f"{name}:":
+            if _octets(current) + 1 + _octets(piece) <= soft_limit or current == f"{name}:":
                 current = f"{current} {piece}"
             else:
                 lines.append(current)
@@ -444,8 +447,9 @@ def _status_part(
 
 
 def _fold_field(field: str) -> list[str]:
+    """Fold an address field ('Name: type; address'), keeping it on one line if it fits."""
     name, _, value = field.partition(": ")
-    return _fold(name, value)
+    return _fold(name, value, soft_limit=_HARD_LIMIT)
 
 
 _STATUS_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")

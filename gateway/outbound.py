@@ -355,13 +355,14 @@ class OutboundAgent:
         outcomes: list[Outcome | None] = [None] * len(job.recipients)
         bad_sender = self._address_problem(job.sender, job, allow_empty=True)
         if bad_sender is not None:
-            return [Outcome(553, "5.1.7", f"Invalid sender address: {bad_sender}", "")
+            status = "5.6.7" if bad_sender[0] == "5.6.7" else "5.1.7"
+            return [Outcome(553, status, f"Invalid sender address: {bad_sender[1]}", "")
                     for _ in job.recipients]
         for i, rcpt in enumerate(job.recipients):
             problem = self._address_problem(rcpt, job, allow_empty=False)
             if problem is not None:
-                status = "5.6.7" if problem == "non-ASCII without SMTPUTF8" else "5.1.3"
-                outcomes[i] = Outcome(553, status, f"Invalid recipient address: {problem}", "")
+                outcomes[i] = Outcome(553, problem[0], f"Invalid recipient address: {problem[1]}",
+                                      "")
         pending = [i for i, o in enumerate(outcomes) if o is None]
         if pending:
             for i, outcome in zip(pending, await self._deliver_to_domain(job, domain, pending),
@@ -370,13 +371,16 @@ class OutboundAgent:
         return [o for o in outcomes if o is not None]
 
     @staticmethod
-    def _address_problem(address: str, job: DeliveryJob, *, allow_empty: bool) -> str | None:
+    def _address_problem(
+        address: str, job: DeliveryJob, *, allow_empty: bool
+    ) -> tuple[str, str] | None:
+        """(enhanced status, reason) when an address cannot go on the wire, else None."""
         if address == "":
-            return None if allow_empty else "empty"
+            return None if allow_empty else ("5.1.3", "empty")
         if any(ch in _BAD_ADDRESS_CHARS for ch in address):
-            return "forbidden characters"
+            return "5.1.3", "forbidden characters"
         if not address.isascii() and not job.smtputf8:
-            return "non-ASCII without SMTPUTF8"
+            return "5.6.7", "non-ASCII address in a message without SMTPUTF8"
         return None
 
     async def _deliver_to_domain(
@@ -498,11 +502,11 @@ class OutboundAgent:
                 if use_tls and client.supports_extension("starttls"):
                     await self._starttls(client, target)
                 return await self._transaction(client, job, recipients, target)
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
-                    OSError) as exc:
-                raise _TryNext(f"connection lost before the transaction: {exc}") from exc
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                # disconnects, timeouts, anything unexpected before a RCPT was answered
+                raise _TryNext(f"session failed before the transaction: {exc!r}") from exc
         finally:
-            client.close()
+            await _close(client)
 
     async def _hello(self, client: aiosmtplib.SMTP) -> None:
         try:
@@ -587,8 +591,8 @@ class OutboundAgent:
                     data_outcome = outcome_from_reply(exc.code, exc.message, remote)
                 for i in accepted:
                     results[i] = data_outcome
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
-            log.info("outbound %s: connection to %s lost: %s", job.queue_id, remote, exc)
+        except (aiosmtplib.SMTPException, OSError) as exc:  # disconnect, timeout, protocol
+            log.info("outbound %s: session with %s failed: %r", job.queue_id, remote, exc)
             lost = Outcome(451, "4.4.2", f"Connection to {remote} was lost, will retry", remote)
             return [r if r is not None and i not in accepted else lost
                     for i, r in enumerate(results)]
@@ -606,7 +610,24 @@ def _as_ip(text: str) -> str | None:
 
 async def _quit(client: aiosmtplib.SMTP) -> None:
     """Say goodbye; the answers are already known, so any trouble here is ignored."""
+    transport = client.transport
     try:
         await client.quit()
     except (aiosmtplib.SMTPException, OSError):
         pass
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+
+
+async def _close(client: aiosmtplib.SMTP) -> None:
+    """Release the connection's socket now.
+
+    Closing a TLS transport gracefully waits for the peer's close_notify (up to half a
+    minute); once the session is over, or has failed, nothing more is owed to the peer,
+    so the transport is aborted, which closes the socket on the next loop iteration.
+    """
+    transport = client.transport
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    client.close()
+    await asyncio.sleep(0)  # let connection_lost run and the socket close
