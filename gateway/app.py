@@ -176,7 +176,9 @@ class Node:
             log.info("queue=%s no DSN: %s", env.id, why)
             return
         failed = [FailedRecipient(address=env.recipients[i].mailbox,
-                                  original_address=env.recipients[i].address,
+                                  original_address=(env.recipients[i].address
+                                                    if env.recipients[i].address.lower()
+                                                    != env.recipients[i].mailbox else None),
                                   outcome=_outcome(record), last_attempt=_dt(record.at))
                   for i, record in sorted(entry.failed.items())]
         dsn_id = self.ids.new()
@@ -188,7 +190,8 @@ class Node:
         tenant = env.recipients[next(iter(entry.failed))].tenant
         dsn_env = Envelope(id=dsn_id, sender="", recipients=(SpoolRecipient(
             address=env.sender, mailbox=env.sender, tenant=tenant, kind="remote"),),
-            received=time.time(), dsn=True, header_size=header_end(dsn))
+            received=time.time(), dsn=True, header_size=header_end(dsn),
+            smtputf8=not env.sender.isascii(), eight_bit=not dsn.isascii())
         await self.spool.commit(dsn_env, dsn)
         self.metrics.dsn_sent.inc()
         log.info("queue=%s DSN %s queued to <%s> for %d recipient(s)", env.id, dsn_id,

@@ -61,7 +61,9 @@ _SOFT_LIMIT = 78  # RFC 5322 2.1.1: SHOULD
 _HARD_LIMIT = 998  # RFC 5322 2.1.1: MUST (octets, without CRLF)
 _CHUNK = 900  # longest unbreakable piece put on one folded line, in octets
 
-_LOOP_LOCAL_PARTS = frozenset({"mailer-daemon", "mailer_daemon", "mailerdaemon", "postmaster"})
+# Bounce addresses of mail systems. Not postmaster: that is a person who should hear
+# that their mail failed (RFC 5321 4.5.1).
+_LOOP_LOCAL_PARTS = frozenset({"mailer-daemon", "mailer_daemon", "mailerdaemon"})
 _REPORT_TYPES = frozenset(
     {"delivery-status", "global-delivery-status", "disposition-notification",
      "global-disposition-notification"}
@@ -93,7 +95,7 @@ def should_send_dsn(*, sender: str, original_headers: bytes, spam: bool) -> tupl
 
     Returns ``(True, "")`` or ``(False, reason)``; the reason is for logs. A DSN is
     suppressed for the null sender (RFC 5321 4.5.5), for senders that look like another
-    mail system's bounce address (mailer-daemon, postmaster: a bounce loop in the making),
+    mail system's bounce address (mailer-daemon: a bounce loop in the making),
     for messages that are themselves delivery or disposition reports, for messages marked
     ``Auto-Submitted`` with any value other than ``no`` (RFC 3834), and for spam (a bounce
     to a forged sender is backscatter).

@@ -302,7 +302,7 @@ def test_any_printable_ascii_diagnostic_gives_parseable_dsn(diagnostic: str, add
         ("mailer-daemon@example.org", ORIGINAL, False, False),
         ("Mailer_Daemon@example.org", ORIGINAL, False, False),
         ("MAILER-DAEMON", ORIGINAL, False, False),
-        ("postmaster@example.org", ORIGINAL, False, False),
+        ("postmaster@example.org", ORIGINAL, False, True),  # a person: gets its DSN
         ("daemon-fan@example.org", ORIGINAL, False, True),
         ("alice@example.org", b"Auto-Submitted: auto-replied\r\n", False, False),
         ("alice@example.org", b"Auto-Submitted: auto-generated\r\n", False, False),
