@@ -83,6 +83,9 @@ class Node:
         self.metrics = Metrics(settings.admin.tenant_label_limit)
         self.directory = directory or build_directory(settings)
         self.pipeline = build_pipeline(settings, self.metrics)
+        if isinstance(self.directory, CachedTenantDirectory):
+            cached = self.directory
+            self.metrics.watch_cache(cached.stats.snapshot, lambda: str(cached.breaker.state))
         self.spool = Spool(settings.node.spool_dir,
                            fs=spool_fs or SpoolFS(fsync=settings.queue.fsync))
         self.quarantine = Quarantine(settings.node.spool_dir / "quarantine", self.spool.fs)

@@ -12,7 +12,7 @@ process and read each node's counters separately.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +22,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # The *_created series double the output and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -98,5 +100,32 @@ class Metrics:
                                        getattr(action, "value", str(action))).observe(seconds)
         return observe
 
+    def watch_cache(self, snapshot: Callable[[], dict[str, dict[str, int]]],
+                    breaker_state: Callable[[], str]) -> None:
+        """Export the tenant API cache's counters (hits, misses, stale serves, errors...)."""
+        self.registry.register(_CacheCollector(snapshot, breaker_state))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CacheCollector(Collector):
+    """Reads the tenant API cache counters at scrape time (they live in the cache)."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, dict[str, int]]],
+                 breaker_state: Callable[[], str]) -> None:
+        self._snapshot = snapshot
+        self._breaker_state = breaker_state
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily("mailedge_tenant_api_cache_events",
+                                     "Tenant API cache events per call type",
+                                     labels=["cache", "event"])
+        for cache, counters in sorted(self._snapshot().items()):
+            for event, value in sorted(counters.items()):
+                events.add_metric([cache, event], value)
+        yield events
+        state = GaugeMetricFamily("mailedge_tenant_api_circuit_open",
+                                  "1 while the tenant API circuit breaker is open")
+        state.add_metric([], 1.0 if self._breaker_state() == "open" else 0.0)
+        yield state

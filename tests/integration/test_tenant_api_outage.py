@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tenant_api_client.server import ReferenceServer
@@ -83,6 +85,13 @@ async def test_warm_cache_needs_almost_no_requests(node_factory, api: ReferenceS
     steady = api.requests - warm
     assert steady < 3, f"{steady} API requests for 300 messages with a warm cache"
     await harness.wait_empty(timeout=30)
+    async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{harness.admin_port}/metrics") as response:
+        text = await response.text()
+    hits = re.search(r'mailedge_tenant_api_cache_events_total\{cache="recipient",'
+                     r'event="hits"\} (\d+)', text)
+    assert hits is not None and int(hits.group(1)) >= 300
+    assert "mailedge_tenant_api_circuit_open 0.0" in text
 
 
 @pytest.mark.parametrize("fault", ["slow", "500", "malformed", "down"])
