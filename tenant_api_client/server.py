@@ -20,7 +20,7 @@ import logging
 import unicodedata
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import msgspec
 from aiohttp import web
@@ -63,6 +63,37 @@ def _error(status: int, error: str, detail: str = "") -> web.Response:
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="mailedge-tenant-api"'
     return response
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """If-None-Match compares weakly (RFC 9110 13.1.2): `*`, or any listed tag, W/ or not."""
+    if if_none_match is None:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    ours = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == ours for tag in if_none_match.split(","))
+
+
+KNOWN_EVENT_TYPES: tuple[str, ...] = get_args(get_type_hints(Event)["type"])
+
+
+def _unknown_event_type(raw: bytes) -> str | None:
+    """The type of an event body that is valid but for a type this server does not know."""
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    kind = body.get("type")
+    if not isinstance(kind, str) or kind in KNOWN_EVENT_TYPES:
+        return None
+    try:  # the rest of the body must still be an Event
+        msgspec.convert({**body, "type": KNOWN_EVENT_TYPES[0]}, Event)
+    except msgspec.ValidationError:
+        return None
+    return kind
 
 
 class BadRequest(Exception):
@@ -148,9 +179,16 @@ class ReferenceServer:
                 return _error(404, "not_found", "no such resource")
             if exc.status == 405:
                 return _error(405, "method_not_allowed")
+            if exc.status >= 400:  # e.g. 413: every 4xx and 5xx carries an ApiError body
+                return _error(exc.status, "bad_request" if exc.status < 500 else "unavailable",
+                              exc.reason)
             raise
+        except Exception:
+            log.exception("tenant API: %s %s failed", request.method, request.path)
+            return _error(500, "unavailable", "internal error")
         etag = response.headers.get("ETag")
-        if etag and request.headers.get("If-None-Match") == etag and response.status == 200:
+        if etag and response.status == 200 and _etag_matches(
+                request.headers.get("If-None-Match"), etag):
             return web.Response(status=304, headers={"ETag": etag,
                                                      "Cache-Control": response.headers[
                                                          "Cache-Control"]})
@@ -227,8 +265,18 @@ class ReferenceServer:
         return _json(await self.directory.account_limits(username), 200, self.policy_max_age)
 
     async def events(self, request: web.Request) -> web.Response:
-        event: Event = await self._body(request, Event)
-        await self.directory.report(event)
+        raw = await request.read()
+        try:
+            event = msgspec.json.decode(raw, type=Event)
+        except msgspec.DecodeError as exc:
+            # The contract: a type this server does not know is accepted and ignored, so
+            # the gateway can add types. Anything else wrong with the body is still a 400.
+            unknown = _unknown_event_type(raw)
+            if unknown is None:
+                raise BadRequest(f"body does not match Event: {exc}") from None
+            log.info("tenant event of unknown type %r ignored", unknown)
+        else:
+            await self.directory.report(event)
         return web.json_response({"accepted": True}, status=202)
 
 
