@@ -569,7 +569,7 @@ class FileDirectory:
         snapshot = self._snapshot
         tenant = snapshot.domains.get(domain)
         if tenant is None:
-            return Unknown()
+            return Unknown(tenant=None)
         found = snapshot.recipients.get(f"{local}@{domain}")
         if found is not None:
             return found

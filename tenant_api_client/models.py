@@ -94,9 +94,13 @@ class Recipient(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Unknown(msgspec.Struct, frozen=True, kw_only=True):
-    """No such recipient. `tenant` is set when the domain is hosted here."""
+    """No such recipient. `tenant` is set when the domain is hosted here.
 
-    tenant: str | None = None
+    Required (though it may be null) so that an unrelated 404 body — a wrong base URL,
+    a proxy's error page — never decodes as "domain not hosted" and turns into a 550.
+    """
+
+    tenant: str | None
 
     @property
     def domain_hosted(self) -> bool:

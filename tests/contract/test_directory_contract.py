@@ -100,7 +100,7 @@ async def test_mailbox(directory: TenantDirectory) -> None:
 
 async def test_unknown_in_hosted_and_foreign_domains(directory: TenantDirectory) -> None:
     assert await directory.lookup_recipient("nobody", "example.test") == Unknown(tenant="acme")
-    assert await directory.lookup_recipient("alice", "elsewhere.example") == Unknown()
+    assert await directory.lookup_recipient("alice", "elsewhere.example") == Unknown(tenant=None)
 
 
 async def test_flags_storage_and_autoreply(directory: TenantDirectory) -> None:
