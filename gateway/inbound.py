@@ -134,8 +134,10 @@ class Inbound:
                 tenant = txn.tenants.get(found.tenant) or await self.directory.tenant(
                     found.tenant)
         except Unavailable as exc:
-            log.warning("session=%s rcpt=<%s> directory unavailable: %s", session.session_id,
-                        address.text, exc)
+            # The outage itself is logged (once a minute) by the directory; this is the
+            # per-recipient decision.
+            log.info("session=%s rcpt=<%s> deferred, directory unavailable: %s",
+                     session.session_id, address.text, exc)
             self.metrics.reject(None, "rcpt", "directory_unavailable")
             return replies.DIRECTORY_UNAVAILABLE
         if isinstance(found, Unknown):

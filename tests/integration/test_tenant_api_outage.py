@@ -110,8 +110,8 @@ async def test_outage_serves_known_defers_unknown(node_factory, api: ReferenceSe
     else:
         api.fault = fault
         api.slow_seconds = 3.0
-    caplog.set_level(logging.WARNING, logger="tenant_api_client")
-    for _ in range(3):
+    caplog.set_level(logging.WARNING)
+    for _ in range(10):
         codes = await rcpt_codes(harness, ["alice@example.test", "nobody@example.test",
                                            "never-seen@example.test",
                                            "x@elsewhere.example"])
@@ -122,8 +122,11 @@ async def test_outage_serves_known_defers_unknown(node_factory, api: ReferenceSe
                                      dot_stuff(message(f"during {fault}")))
     assert reply.code == 250
     await client.close()
-    outage_lines = [r for r in caplog.records if "unavailable" in r.getMessage().lower()]
-    assert 1 <= len(outage_lines) <= 3, [r.getMessage() for r in outage_lines]
+    # 40 lookups and a message during the outage: the warnings are per call type and
+    # kind of failure (and the breaker opening), not per message or recipient.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("tenant API unavailable" in w for w in warnings), warnings
+    assert len(warnings) <= 6, warnings
     if fault != "down":
         api.fault = None
     await harness.wait_empty(timeout=30)
