@@ -15,9 +15,11 @@ message's results record, which feeds logs, metrics and Authentication-Results.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Stage(enum.Enum):
@@ -84,9 +86,15 @@ class ResultEntry:
 
 @dataclass(slots=True)
 class Results:
-    """The results record of one transaction (or of the connection before MAIL)."""
+    """The results record of one transaction (or of the connection before MAIL).
+
+    `entries` is the pass/fail/skip/error line of every filter call; `facts` holds what
+    checks computed once for the whole message (SPF, DKIM, DMARC, ARC results, each
+    under its own key) so that every tenant's filters decide from the same scan.
+    """
 
     entries: list[ResultEntry] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
 
     def add(self, entry: ResultEntry) -> None:
         self.entries.append(entry)
@@ -167,6 +175,17 @@ class Context(Protocol):
 
     def note(self, outcome: Outcome, detail: str = "") -> None:
         """Record pass / fail / skip / error for the calling filter."""
+
+    async def once(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+        """The transaction's fact `key`, computed by the first caller only.
+
+        Scan once, decide per tenant: the MESSAGE filters of several tenants run
+        concurrently, and all of them get the one computation's result (or exception).
+        """
+        ...
+
+    def fact(self, key: str) -> Any:
+        """A fact computed earlier in the transaction (None if it was not)."""
 
 
 class Filter(Protocol):

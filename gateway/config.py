@@ -105,6 +105,13 @@ class TenantSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsSettings:
+    nameservers: tuple[HostPort, ...] = ()  # empty: the system's resolv.conf
+    timeout: float = 2.0  # per query, all attempts included
+    cache_size: int = 50_000
+
+
+@dataclass(frozen=True, slots=True)
 class StorageSettings:
     lmtp: str | None = None
     maildir: Path | None = Path("var/mail")
@@ -157,6 +164,7 @@ class Settings:
     inbound: InboundSettings = field(default_factory=InboundSettings)
     tenants: TenantSettings = field(default_factory=TenantSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -298,7 +306,7 @@ def _positive(value: Any) -> str | None:
 
 def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Settings:
     known_tables = {"node", "inbound", "tenants", "storage", "queue", "outbound", "admin",
-                    "pipeline"}
+                    "pipeline", "dns"}
     for key in data:
         if key not in known_tables:
             reader.problem(key, "unknown table")
@@ -436,6 +444,22 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
     if storage.lmtp is None and storage.maildir is None:
         reader.problem("storage", "set storage.lmtp or storage.maildir")
 
+    t = reader.table("dns", {"nameservers", "timeout", "cache_size"})
+    nameservers: list[HostPort] = []
+    for item in reader.get(t, "dns.nameservers", list, []):
+        text = item if isinstance(item, str) else ""
+        hp = parse_host_port(text) or (parse_host_port(f"{text}:53") if ":" not in text
+                                       else parse_host_port(f"[{text}]:53"))
+        if hp is None:
+            reader.problem("dns.nameservers", f"{item!r} is not an address or address:port")
+        else:
+            nameservers.append(hp)
+    dns_settings = DnsSettings(
+        nameservers=tuple(nameservers),
+        timeout=reader.get(t, "dns.timeout", float, DnsSettings().timeout, _positive),
+        cache_size=reader.get(t, "dns.cache_size", int, DnsSettings().cache_size, _positive),
+    )
+
     t = reader.table("queue", {"retry_min", "retry_max", "lifetime", "max_active", "fsync"})
     q = QueueSettings()
     queue = QueueSettings(
@@ -480,6 +504,7 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
     pipeline = PipelineSettings(**stages)
 
     return Settings(path=path, node=node, inbound=inbound, tenants=tenants, storage=storage,
+                    dns=dns_settings,
                     queue=queue, outbound=outbound, admin=admin, pipeline=pipeline)
 
 

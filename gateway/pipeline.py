@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from filters.base import (
     CONTINUE,
@@ -36,6 +36,7 @@ from filters.base import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PipelineConfigError(Exception):
@@ -84,6 +85,22 @@ class FilterContext:
     def note(self, outcome: Outcome, detail: str = "") -> None:
         self._results.add(ResultEntry(self.current_filter, self._stage, outcome, detail,
                                       None if self._tenant is None else self._tenant.id))
+
+    async def once(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+        facts = self._results.facts
+        task = facts.get(key)
+        if task is None:
+            task = asyncio.ensure_future(compute())
+            facts[key] = task
+        # Shielded: one tenant's filter timing out must not cancel the others' result.
+        result: T = await asyncio.shield(task)
+        return result
+
+    def fact(self, key: str) -> Any:
+        task = self._results.facts.get(key)
+        if task is None or not task.done() or task.cancelled() or task.exception():
+            return None
+        return task.result()
 
 
 @dataclass(frozen=True, slots=True)

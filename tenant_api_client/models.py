@@ -35,6 +35,8 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
     # Sender authentication
     dmarc_enforcement: Literal["enforce", "quarantine_only", "monitor"] = "enforce"
     spf_fail_reject: bool = False  # SPF fail without a DMARC pass: 550 5.7.23
+    # Sealers whose valid ARC chain overrides a DMARC failure of forwarded mail.
+    arc_trusted_sealers: tuple[str, ...] = ()
     # Connection level
     greylisting: bool = False
     # Forwarding
