@@ -21,11 +21,11 @@ PEERS=(
     "dovecot-lmtpd:/usr/lib/dovecot/lmtp"
     "swaks:/usr/bin/swaks"
     "postfix:/usr/sbin/postfix"
+    "nsd:/usr/sbin/nsd"  # authoritative DNS (tests/peers/dns.py); ships nsd-control too
     # Later issues:
     # "redis-server:/usr/bin/redis-server"
     # "clamav-daemon:/usr/sbin/clamd"
     # "rspamd:/usr/bin/rspamd"
-    # "nsd:/usr/sbin/nsd"
 )
 # Tools the build itself needs (`make test` on a bare machine).
 TOOLS=(
