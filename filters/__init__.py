@@ -6,6 +6,7 @@ composition root instantiates the ones the configuration names.
 
 from __future__ import annotations
 
+from filters.authentication import ArcCheck, DkimCheck, DmarcCheck, SpfCheck
 from filters.base import (
     CONTINUE,
     Action,
@@ -22,6 +23,10 @@ from filters.size_limit import TenantSizeLimit
 
 REGISTRY: dict[str, type[Filter]] = {
     TenantSizeLimit.name: TenantSizeLimit,
+    SpfCheck.name: SpfCheck,
+    DkimCheck.name: DkimCheck,
+    ArcCheck.name: ArcCheck,
+    DmarcCheck.name: DmarcCheck,
 }
 
 __all__ = [

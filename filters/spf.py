@@ -65,7 +65,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
-import spf  # type: ignore[import-untyped]  # pyspf ships no type information
+import spf  # pyspf ships no type information (mypy override in pyproject)
 
 from filters.dns import DnsNameError, DnsResult, DnsTemporaryError, Resolver
 

@@ -19,6 +19,7 @@ import time
 from datetime import UTC, datetime
 
 from filters import REGISTRY
+from filters.dns import AsyncResolver
 from gateway.admin import AdminServer
 from gateway.config import Settings
 from gateway.delivery import DeliveryAgent, Outcome
@@ -104,8 +105,12 @@ class Node:
                                     backend_pause=storage.backend_pause)
         self.queue = Queue(self.spool, self.router, settings.queue, self.metrics,
                            on_failures=self._report_failures)
+        dns_settings = settings.dns
+        self.dns = AsyncResolver(
+            [(ns.host, ns.port) for ns in dns_settings.nameservers] or None,
+            timeout=dns_settings.timeout, cache_size=dns_settings.cache_size)
         self.inbound = Inbound(settings, self.directory, self.pipeline, self.spool, self.queue,
-                               self.quarantine, self.metrics, self.ids)
+                               self.quarantine, self.metrics, self.ids, self.dns)
         self.admin = AdminServer(self.metrics, self.queue, self.ready,
                                  str(settings.node.spool_dir))
         self.servers: list[asyncio.Server] = []
@@ -158,6 +163,7 @@ class Node:
         await self.outbound.aclose()
         await self.admin.stop()
         await self.directory.aclose()
+        await self.dns.aclose()
         self.spool.close()
 
     def ready(self) -> tuple[bool, str]:

@@ -1,4 +1,5 @@
-"""Header edits the gateway makes on accepted mail: Received, and removing forgeries.
+"""Header edits the gateway makes on accepted mail: Received, Authentication-Results,
+and removing forged Authentication-Results.
 
 Both work on raw bytes of the header section and never touch the body, so long lines
 and 8-bit content stay byte-exact (a rewrapped body breaks DKIM).
@@ -7,8 +8,19 @@ and 8-bit content stay byte-exact (a rewrapped body breaks DKIM).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
+
+import authres
+import authres.arc
+import authres.dmarc
+
+from filters.arc import ArcResult
+from filters.dkim import DkimResult
+from filters.dmarc import DmarcResult
+from filters.spf import SpfResult
 
 _AR_NAME = b"authentication-results"
 _COMMENT_TOKENS = re.compile(rb"\\.|[()]", re.DOTALL)  # quoted-pair, or a comment delimiter
@@ -113,3 +125,47 @@ def split_fields(header: bytes) -> list[bytes]:
         else:
             fields.append(line)
     return fields
+
+
+def authentication_results(authserv_id: str, *, client_ip: str, spf: SpfResult | None,
+                           spf_helo: SpfResult | None, dkim: Sequence[DkimResult] | None,
+                           dmarc: DmarcResult | None, arc: ArcResult | None) -> bytes:
+    """One Authentication-Results field (RFC 8601) for what the checks found.
+
+    Methods that did not run are left out; if none ran the field says `none`. One
+    method per folded line, so many DKIM signatures never make an over-long line.
+    """
+    results: list[Any] = []
+    if spf is not None:
+        results.append(authres.SPFAuthenticationResult(
+            result=spf.result, smtp_mailfrom=spf.sender if spf.sender else None,
+            result_comment=f"{authserv_id}: domain of {spf.sender} "
+                           f"{_SPF_WORDS.get(spf.result, spf.result)} {client_ip}"
+            if spf.sender else None))
+    elif spf_helo is not None:
+        results.append(authres.SPFAuthenticationResult(result=spf_helo.result,
+                                                       smtp_helo=spf_helo.domain))
+    for signature in dkim or ():
+        properties = [authres.AuthenticationResultProperty("header", "b", signature.header_b)] \
+            if signature.header_b else []
+        results.append(authres.DKIMAuthenticationResult(
+            result=signature.result, header_d=signature.domain or None,
+            header_s=signature.selector or None, header_i=signature.identity or None,
+            header_a=signature.algorithm or None, properties=properties,
+            reason=signature.reason or None if signature.result != "pass" else None))
+    if dmarc is not None:
+        results.append(authres.dmarc.DMARCAuthenticationResult(
+            result=dmarc.result.value, header_from=dmarc.from_domain,
+            policy=dmarc.policy_dmarc))
+    if arc is not None:
+        results.append(authres.arc.ARCAuthenticationResult(
+            result=arc.result, smtp_remote_ip=client_ip,
+            header_oldest_pass=str(arc.oldest_pass) if arc.oldest_pass is not None else None))
+    lines = [_clean(str(r)) for r in results] or ["none"]
+    text = f"Authentication-Results: {authserv_id};\r\n\t" + ";\r\n\t".join(lines) + "\r\n"
+    return text.encode("utf-8", "surrogateescape")
+
+
+_SPF_WORDS = {"pass": "designates", "fail": "does not designate",
+              "softfail": "does not designate", "neutral": "neither permits nor denies",
+              "none": "has no SPF policy for"}

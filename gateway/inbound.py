@@ -21,12 +21,20 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from filters import authentication as auth
 from filters.base import Action, Reply, Stage, Verdict
+from filters.dmarc import DmarcResult
+from filters.dns import Resolver
 from gateway import replies
 from gateway.addresses import Address
 from gateway.config import Settings
-from gateway.headers import received_header, remove_forged_auth_results
+from gateway.headers import (
+    authentication_results,
+    received_header,
+    remove_forged_auth_results,
+)
 from gateway.metrics import Metrics
 from gateway.pipeline import FilterContext, Pipeline, combine_message_verdicts
 from gateway.quarantine import Quarantine
@@ -58,6 +66,8 @@ class Services:
     """What filters may use (ctx.services)."""
 
     directory: TenantDirectory
+    dns: Resolver
+    hostname: str  # our name: SPF's receiver, the authserv-id
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +79,7 @@ class DataOutcome:
 class Inbound:
     def __init__(self, settings: Settings, directory: TenantDirectory, pipeline: Pipeline,
                  spool: Spool, queue: Queue, quarantine: Quarantine, metrics: Metrics,
-                 ids: QueueIdFactory) -> None:
+                 ids: QueueIdFactory, dns: Resolver) -> None:
         self.settings = settings
         self.directory = directory
         self.pipeline = pipeline
@@ -78,7 +88,8 @@ class Inbound:
         self.quarantine = quarantine
         self.metrics = metrics
         self.ids = ids
-        self.services = Services(directory=directory)
+        self.services = Services(directory=directory, dns=dns,
+                                 hostname=settings.inbound.hostname)
         self.hostname = settings.inbound.hostname
 
     # -- stages before RCPT -----------------------------------------------------------
@@ -265,6 +276,11 @@ class Inbound:
         verdicts = {t: r.verdict for t, r in zip(tenant_ids, verdicts_list, strict=True)}
         settled_by = {t: r.filter for t, r in zip(tenant_ids, verdicts_list, strict=True)}
         combined = combine_message_verdicts(verdicts)
+        results_header = self._authentication_results(session, txn)
+        if results_header:
+            # Our verdict on the sender's authenticity goes right below our Received.
+            message = trace + results_header + header + content[header_len:]
+            message_view = MessageData(message, message_view.header_size + len(results_header))
         if combined.action is not Action.ACCEPT:
             tenant = combined.reply_from
             assert tenant is not None
@@ -332,6 +348,18 @@ class Inbound:
                  ",".join(ids) or "-", summarise(txn))
         return DataOutcome(Reply(250, "2.0.0", f"Ok: queued as {queue_id}"), ids)
 
+    def _authentication_results(self, session: Session, txn: Transaction) -> bytes:
+        """The A-R field from the authentication facts, b"" when no check ran."""
+        facts = {key: _done(txn.results.facts.get(key))
+                 for key in (auth.SPF, auth.SPF_HELO, auth.DKIM, auth.DMARC, auth.ARC)}
+        if not any(value is not None for value in facts.values()):
+            return b""
+        dmarc = facts[auth.DMARC]
+        return authentication_results(
+            self.hostname, client_ip=session.client_ip, spf=facts[auth.SPF],
+            spf_helo=facts[auth.SPF_HELO], dkim=facts[auth.DKIM],
+            dmarc=dmarc if isinstance(dmarc, DmarcResult) else None, arc=facts[auth.ARC])
+
     def _envelope(self, queue_id: str, session: Session, txn: Transaction,
                   recipients: Sequence[AcceptedRecipient], message: MessageData) -> Envelope:
         return Envelope(
@@ -360,3 +388,10 @@ def summarise(txn: Transaction) -> str:
     return ",".join(
         f"{e.filter}{'@' + e.tenant if e.tenant else ''}:{e.outcome.value}"
         for e in txn.results.entries) or "-"
+
+
+def _done(task: Any) -> Any:
+    """The result of a finished fact computation, None if it failed or never ran."""
+    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
