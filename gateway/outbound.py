@@ -19,7 +19,7 @@ and no MX lookup happens. Otherwise the recipients' domain is looked up (RFC 532
   directly.
 
 DNS goes through the :class:`MxLookup` seam; :class:`ResolverLookup` is the thin adapter
-over dnspython's async resolver, and tests inject a table.
+over the project's DNS layer (filters.dns), and tests inject a table.
 
 Session, per address, until one gives final answers:
 
@@ -61,10 +61,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import aiosmtplib
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
 
+from filters.dns import DnsNameError, DnsResult, Resolver
+from filters.dns import DnsTemporaryError as DnsLayerTemporary
 from gateway.delivery import DeliveryJob, Outcome
 
 __all__ = [
@@ -127,45 +126,43 @@ class MxLookup(Protocol):
 
 
 class ResolverLookup:
-    """MxLookup over dnspython's async resolver (the system's resolver when None)."""
+    """MxLookup over the project's DNS layer (filters.dns), shared with the checks."""
 
-    def __init__(self, resolver: dns.asyncresolver.Resolver | None = None) -> None:
+    def __init__(self, resolver: Resolver) -> None:
         self._resolver = resolver
 
-    async def _get_resolver(self) -> dns.asyncresolver.Resolver:
-        if self._resolver is None:
-            # Reading /etc/resolv.conf is file I/O: keep it off the event loop.
-            self._resolver = await asyncio.to_thread(dns.asyncresolver.Resolver)
-        return self._resolver
+    async def _query(self, name: str, rdtype: str) -> DnsResult:
+        try:
+            result = await self._resolver.query(name, rdtype)
+        except DnsLayerTemporary as exc:
+            raise DnsTemporaryError(f"{rdtype} {name}: {exc}") from exc
+        except DnsNameError as exc:
+            raise DomainNotFound(name) from exc
+        if result.nxdomain:
+            raise DomainNotFound(name)
+        return result
 
     async def mx(self, domain: str) -> list[MxRecord] | None:
-        resolver = await self._get_resolver()
-        try:
-            answer = await resolver.resolve(domain, "MX", search=False)
-        except dns.resolver.NXDOMAIN as exc:
-            raise DomainNotFound(domain) from exc
-        except dns.resolver.NoAnswer:
+        result = await self._query(domain, "MX")
+        if not result.records:
             return None
-        except dns.exception.DNSException as exc:
-            raise DnsTemporaryError(f"MX {domain}: {exc}") from exc
-        return [
-            MxRecord(int(rdata.preference), rdata.exchange.to_text())
-            for rdata in answer
-        ]
+        records = []
+        for record in result.records:
+            preference, _, exchange = record.partition(" ")
+            # The layer drops the root's final dot: a null MX (RFC 7505) arrives as "".
+            records.append(MxRecord(int(preference), exchange or "."))
+        return records
 
     async def addresses(self, host: str) -> list[str]:
-        resolver = await self._get_resolver()
-        results = await asyncio.gather(
-            self._query(resolver, host, "A"), self._query(resolver, host, "AAAA"),
-            return_exceptions=True,
-        )
+        results = await asyncio.gather(self._query(host, "A"), self._query(host, "AAAA"),
+                                       return_exceptions=True)
         found: list[str] = []
         errors: list[BaseException] = []
         for result in results:
             if isinstance(result, BaseException):
                 errors.append(result)
             else:
-                found.extend(result)
+                found.extend(result.records)
         if found:
             return found
         for error in errors:
@@ -174,18 +171,6 @@ class ResolverLookup:
         if errors:
             raise errors[0]
         return []
-
-    @staticmethod
-    async def _query(resolver: dns.asyncresolver.Resolver, host: str, rdtype: str) -> list[str]:
-        try:
-            answer = await resolver.resolve(host, rdtype, search=False)
-        except dns.resolver.NXDOMAIN as exc:
-            raise DomainNotFound(host) from exc
-        except dns.resolver.NoAnswer:
-            return []
-        except dns.exception.DNSException as exc:
-            raise DnsTemporaryError(f"{rdtype} {host}: {exc}") from exc
-        return [rdata.to_text() for rdata in answer]
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +307,7 @@ class OutboundAgent:
         *,
         helo_name: str,
         smarthost: str | None,
-        resolver: dns.asyncresolver.Resolver | None,
+        resolver: Resolver | None,
         port: int = 25,
         timeout: float = 60,
         lookup: MxLookup | None = None,
@@ -334,7 +319,9 @@ class OutboundAgent:
         self.port = port
         self.timeout = timeout
         self.smarthost = parse_smarthost(smarthost, port) if smarthost else None
-        self._lookup: MxLookup = lookup if lookup is not None else ResolverLookup(resolver)
+        if lookup is None and resolver is not None:
+            lookup = ResolverLookup(resolver)
+        self._lookup: MxLookup | None = lookup  # None: smarthost only
         self._rng = rng if rng is not None else random.Random()
         # Opportunistic TLS: encrypt, do not authenticate (see the module docstring).
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -403,8 +390,11 @@ class OutboundAgent:
                 dns_trouble=False, no_address=False,
             )
 
+        lookup = self._lookup
+        if lookup is None:
+            return every(Outcome(451, "4.3.5", "No DNS resolver configured for outbound mail"))
         try:
-            records = await self._lookup.mx(domain)
+            records = await lookup.mx(domain)
         except DomainNotFound:
             return every(Outcome(550, "5.1.2", f"Recipient domain {domain} does not exist"))
         except DnsTemporaryError as exc:
@@ -422,7 +412,7 @@ class OutboundAgent:
                 targets.append(_Target(host, literal_ip, self.port))
                 continue
             try:
-                addresses = await self._lookup.addresses(host)
+                addresses = await lookup.addresses(host)
             except DomainNotFound:
                 if plan.implicit:
                     return every(Outcome(550, "5.1.2", f"Recipient domain {domain} does not exist"))
