@@ -95,9 +95,13 @@ class Node:
         self._lmtp_agents: dict[str, LmtpAgent] = {}
         self.maildir = MaildirAgent(storage.maildir, fsync=settings.queue.fsync) \
             if storage.maildir is not None else None
+        dns_settings = settings.dns
+        self.dns = AsyncResolver(
+            [(ns.host, ns.port) for ns in dns_settings.nameservers] or None,
+            timeout=dns_settings.timeout, cache_size=dns_settings.cache_size)
         self.outbound = OutboundAgent(helo_name=settings.outbound.helo_name
                                       or settings.inbound.hostname,
-                                      smarthost=settings.outbound.smarthost, resolver=None,
+                                      smarthost=settings.outbound.smarthost, resolver=self.dns,
                                       timeout=settings.outbound.timeout)
         self.router = StorageRouter(self.directory, default_lmtp=storage.lmtp,
                                     lmtp_agent=self._lmtp_agent, maildir_agent=self.maildir,
@@ -105,10 +109,6 @@ class Node:
                                     backend_pause=storage.backend_pause)
         self.queue = Queue(self.spool, self.router, settings.queue, self.metrics,
                            on_failures=self._report_failures)
-        dns_settings = settings.dns
-        self.dns = AsyncResolver(
-            [(ns.host, ns.port) for ns in dns_settings.nameservers] or None,
-            timeout=dns_settings.timeout, cache_size=dns_settings.cache_size)
         self.inbound = Inbound(settings, self.directory, self.pipeline, self.spool, self.queue,
                                self.quarantine, self.metrics, self.ids, self.dns)
         self.admin = AdminServer(self.metrics, self.queue, self.ready,

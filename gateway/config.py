@@ -450,8 +450,13 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
         text = item if isinstance(item, str) else ""
         hp = parse_host_port(text) or (parse_host_port(f"{text}:53") if ":" not in text
                                        else parse_host_port(f"[{text}]:53"))
-        if hp is None:
-            reader.problem("dns.nameservers", f"{item!r} is not an address or address:port")
+        try:
+            valid = hp is not None and bool(ipaddress.ip_address(hp.host))
+        except ValueError:
+            valid = False
+        if hp is None or not valid:
+            reader.problem("dns.nameservers",
+                           f"{item!r} is not an IP address or address:port")
         else:
             nameservers.append(hp)
     dns_settings = DnsSettings(
