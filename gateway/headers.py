@@ -161,7 +161,8 @@ def authentication_results(authserv_id: str, *, client_ip: str, spf: SpfResult |
         results.append(authres.arc.ARCAuthenticationResult(
             result=arc.result, smtp_remote_ip=client_ip,
             header_oldest_pass=str(arc.oldest_pass) if arc.oldest_pass is not None else None))
-    lines = [_clean(str(r)) for r in results] or ["none"]
+    # authres quotes and escapes the values; only line breaks must never get through.
+    lines = [re.sub(r"[\r\n]+", " ", str(r)) for r in results] or ["none"]
     text = f"Authentication-Results: {authserv_id};\r\n\t" + ";\r\n\t".join(lines) + "\r\n"
     return text.encode("utf-8", "surrogateescape")
 

@@ -22,6 +22,8 @@ PEERS=(
     "swaks:/usr/bin/swaks"
     "postfix:/usr/sbin/postfix"
     "nsd:/usr/sbin/nsd"  # authoritative DNS (tests/peers/dns.py); ships nsd-control too
+    "opendkim-tools:/usr/sbin/opendkim-genkey"  # third-party DKIM keys for the tests
+    "libmail-dkim-perl:/usr/bin/dkimproxy-sign"  # third-party DKIM signer (Mail::DKIM)
     # Later issues:
     # "redis-server:/usr/bin/redis-server"
     # "clamav-daemon:/usr/sbin/clamd"
