@@ -19,10 +19,11 @@ each tenant's policy (decide per tenant):
   rejecting, `monitor` only records. A failure on forwarded mail whose ARC chain passes
   and whose newest sealer the tenant trusts (`arc_trusted_sealers`) is not acted on.
 
-Fail safe: when DNS trouble (a temperror in SPF, in an aligned DKIM key lookup, or in
-the DMARC policy lookup) is why a message would be refused, the answer is 451, never
-5xx. The computed results also feed the message's Authentication-Results header
-(gateway/headers.py).
+Fail safe: when DNS trouble (a temperror in SPF or in a DKIM key lookup) could be why
+a message fails a policy that asks for rejection, the answer is 451, never 5xx. When
+the DMARC policy itself cannot be fetched, nothing is known to be asked for: the
+temperror is recorded and the message goes on. The computed results also feed the
+message's Authentication-Results header (gateway/headers.py).
 """
 
 from __future__ import annotations
@@ -194,13 +195,9 @@ class DmarcCheck:
         if dmarc.result is DmarcStatus.PASS:
             ctx.note(Outcome.PASS, f"{dmarc.from_domain} aligned")
             return CONTINUE
-        if dmarc.result is DmarcStatus.TEMPERROR:
-            ctx.note(Outcome.ERROR, f"{dmarc.from_domain}: {dmarc.reason}")
-            if enforcement == "monitor" or await self._authenticated(ctx):
-                return CONTINUE
-            return Verdict(Action.TEMPFAIL, DMARC_TEMPFAIL,
-                           reason=f"dmarc policy lookup failed for {dmarc.from_domain}")
         if dmarc.result is not DmarcStatus.FAIL:
+            # temperror here means the domain's policy itself could not be fetched: we
+            # do not know that it asks for anything, so nothing is refused or deferred.
             ctx.note(Outcome.SKIP, f"{dmarc.from_domain}: {dmarc.result.value}")
             return CONTINUE
         if dmarc.disposition is Policy.NONE or enforcement == "monitor":
@@ -224,12 +221,6 @@ class DmarcCheck:
                            reason=f"dmarc p=reject for {dmarc.from_domain}")
         return Verdict(Action.QUARANTINE,
                        reason=f"dmarc {dmarc.disposition.value} for {dmarc.from_domain}")
-
-    @staticmethod
-    async def _authenticated(ctx: Context) -> bool:
-        """Some identity passed: a policy we could not fetch would likely not reject."""
-        spf = await spf_of(ctx)
-        return spf.result == "pass" or any(d.result == "pass" for d in await dkim_of(ctx))
 
     @staticmethod
     async def _dns_trouble(ctx: Context, dmarc: DmarcResult) -> bool:
