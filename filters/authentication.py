@@ -224,8 +224,16 @@ class DmarcCheck:
 
     @staticmethod
     async def _dns_trouble(ctx: Context, dmarc: DmarcResult) -> bool:
-        """Could a DNS temperror be why nothing aligned? Then defer, don't refuse."""
+        """Could a DNS temperror be why nothing saved the message? Then defer, don't refuse.
+
+        That is a temperror in SPF or in a DKIM key lookup, or an ARC chain from a sealer
+        the tenant trusts that failed only because a key lookup failed temporarily.
+        """
         spf = await spf_of(ctx)
         if spf.result == "temperror":
             return True
-        return any(d.result == "temperror" for d in await dkim_of(ctx))
+        if any(d.result == "temperror" for d in await dkim_of(ctx)):
+            return True
+        arc = await arc_of(ctx)
+        trusted = {d.lower() for d in _policy(ctx).get("arc_trusted_sealers", ())}
+        return arc.temporary and arc.newest_sealer in trusted

@@ -96,7 +96,8 @@ def test_example_file_loads() -> None:
     assert settings.outbound.smarthost is None  # "" means: look up MX
     assert settings.admin.listen == HostPort("127.0.0.1", 8025)
     assert settings.queue.retry_min <= settings.queue.retry_max
-    assert settings.pipeline.for_stage("message") == ("size_limit",)
+    assert settings.pipeline.for_stage("message") == ("size_limit", "dkim", "arc", "dmarc", "spf")
+    assert settings.pipeline.for_stage("mail") == ("spf",)
 
 
 def test_example_file_tables_match_settings() -> None:
