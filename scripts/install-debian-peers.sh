@@ -24,10 +24,10 @@ PEERS=(
     "nsd:/usr/sbin/nsd"  # authoritative DNS (tests/peers/dns.py); ships nsd-control too
     "opendkim-tools:/usr/sbin/opendkim-genkey"  # third-party DKIM keys for the tests
     "libmail-dkim-perl:/usr/bin/dkimproxy-sign"  # third-party DKIM signer (Mail::DKIM)
+    "rspamd:/usr/bin/rspamd"  # spam scanner (tests/peers/rspamd.py); ships rspamadm
     # Later issues:
     # "redis-server:/usr/bin/redis-server"
     # "clamav-daemon:/usr/sbin/clamd"
-    # "rspamd:/usr/bin/rspamd"
 )
 # Tools the build itself needs (`make test` on a bare machine).
 TOOLS=(
