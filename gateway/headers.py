@@ -145,6 +145,8 @@ def authentication_results(authserv_id: str, *, client_ip: str, spf: SpfResult |
     elif spf_helo is not None:
         results.append(authres.SPFAuthenticationResult(result=spf_helo.result,
                                                        smtp_helo=spf_helo.domain))
+    if dkim is not None and not dkim:
+        results.append(authres.DKIMAuthenticationResult(result="none"))
     for signature in dkim or ():
         properties = [authres.AuthenticationResultProperty("header", "b", signature.header_b)] \
             if signature.header_b else []
