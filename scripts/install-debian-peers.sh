@@ -26,7 +26,7 @@ PEERS=(
     "libmail-dkim-perl:/usr/bin/dkimproxy-sign"  # third-party DKIM signer (Mail::DKIM)
     "rspamd:/usr/bin/rspamd"  # spam scanner (tests/peers/rspamd.py); ships rspamadm
     # Later issues:
-    # "redis-server:/usr/bin/redis-server"
+    "redis-server:/usr/bin/redis-server"  # shared state (tests/peers/redis.py)
     # "clamav-daemon:/usr/sbin/clamd"
 )
 # Tools the build itself needs (`make test` on a bare machine).
