@@ -27,7 +27,7 @@ PEERS=(
     "rspamd:/usr/bin/rspamd"  # spam scanner (tests/peers/rspamd.py); ships rspamadm
     # Later issues:
     "redis-server:/usr/bin/redis-server"  # shared state (tests/peers/redis.py)
-    # "clamav-daemon:/usr/sbin/clamd"
+    "clamav-daemon:/usr/sbin/clamd"  # antivirus scanner (tests/peers/clamd.py)
 )
 # Tools the build itself needs (`make test` on a bare machine).
 TOOLS=(
