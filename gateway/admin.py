@@ -3,21 +3,25 @@
 `/health` answers while the process runs; `/ready` only while the node can take mail
 (listeners bound, tenant directory answering, spool writable), so a balancer stops
 sending to a node that cannot accept. `/metrics` is Prometheus text. `/queue` lists
-queued messages and takes operator actions (used by `mailedge queue`). Bind it to a
+queued messages and takes operator actions (used by `mailedge queue`); `/quarantine`
+does the same for the per-tenant quarantine (`mailedge quarantine`). Bind it to a
 management address: it has no authentication of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from gateway.metrics import Metrics
+from gateway.quarantine import NotQuarantined, Quarantine, split_reason
 from gateway.queue import Queue, QueueEntry
 
 log = logging.getLogger(__name__)
@@ -44,9 +48,12 @@ def entry_summary(entry: QueueEntry) -> dict[str, Any]:
 
 class AdminServer:
     def __init__(self, metrics: Metrics, queue: Queue, ready: Callable[[], tuple[bool, str]],
-                 spool_dir: str) -> None:
+                 spool_dir: str, quarantine: Quarantine | None = None,
+                 release: Callable[[str, str], Awaitable[str]] | None = None) -> None:
         self.metrics = metrics
         self.queue = queue
+        self.quarantine = quarantine
+        self.release = release
         self.ready = ready
         self.spool_dir = spool_dir
         self.app = web.Application()
@@ -59,6 +66,10 @@ class AdminServer:
             web.post("/queue/{id}/retry", self.queue_retry),
             web.post("/queue/retry", self.queue_retry_all),
             web.delete("/queue/{id}", self.queue_delete),
+            web.get("/quarantine", self.quarantine_list),
+            web.get("/quarantine/{tenant}/{id}", self.quarantine_show),
+            web.post("/quarantine/{tenant}/{id}/release", self.quarantine_release),
+            web.delete("/quarantine/{tenant}/{id}", self.quarantine_delete),
         ])
         self._runner: web.AppRunner | None = None
 
@@ -110,3 +121,58 @@ class AdminServer:
         entry = self._entry(request)
         await self.queue.delete(entry.id)
         return web.json_response({"id": entry.id, "deleted": True})
+
+    # -- quarantine -------------------------------------------------------------------
+
+    def _quarantine(self) -> Quarantine:
+        if self.quarantine is None:
+            raise web.HTTPNotFound(text='{"error": "no quarantine"}',
+                                   content_type="application/json")
+        return self.quarantine
+
+    @staticmethod
+    def _missing(request: web.Request) -> web.HTTPNotFound:
+        return web.HTTPNotFound(
+            text=json.dumps({"error": "no such quarantine entry",
+                             "tenant": request.match_info["tenant"],
+                             "id": request.match_info["id"]}),
+            content_type="application/json")
+
+    async def quarantine_list(self, request: web.Request) -> web.Response:
+        quarantine = self._quarantine()
+        tenant = request.query.get("tenant")
+        entries = await asyncio.to_thread(quarantine.entries, tenant)
+        return web.json_response([e.summary() for e in entries])
+
+    async def quarantine_show(self, request: web.Request) -> web.Response:
+        quarantine = self._quarantine()
+        try:
+            entry = await asyncio.to_thread(quarantine.entry, request.match_info["tenant"],
+                                            request.match_info["id"])
+            _, stored = await asyncio.to_thread(quarantine.load, request.match_info["tenant"],
+                                                request.match_info["id"])
+        except NotQuarantined:
+            raise self._missing(request) from None
+        headers = split_reason(stored)[1].split(b"\r\n\r\n", 1)[0]
+        return web.json_response({**entry.summary(),
+                                  "headers": headers.decode("utf-8", "replace")})
+
+    async def quarantine_release(self, request: web.Request) -> web.Response:
+        if self.release is None:
+            raise web.HTTPNotFound(text='{"error": "release not available"}',
+                                   content_type="application/json")
+        try:
+            queue_id = await self.release(request.match_info["tenant"],
+                                          request.match_info["id"])
+        except NotQuarantined:
+            raise self._missing(request) from None
+        return web.json_response({"released": True, "queue_id": queue_id})
+
+    async def quarantine_delete(self, request: web.Request) -> web.Response:
+        quarantine = self._quarantine()
+        try:
+            await asyncio.to_thread(quarantine.delete, request.match_info["tenant"],
+                                    request.match_info["id"])
+        except NotQuarantined:
+            raise self._missing(request) from None
+        return web.json_response({"deleted": True})

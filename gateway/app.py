@@ -18,6 +18,8 @@ import ssl
 import time
 from datetime import UTC, datetime
 
+import msgspec
+
 from filters import REGISTRY
 from filters.dns import AsyncResolver
 from gateway.admin import AdminServer
@@ -41,6 +43,7 @@ from tenant_api_client.cached import CachedTenantDirectory, CacheSettings
 from tenant_api_client.client import TenantApiClient, Timeouts
 
 log = logging.getLogger(__name__)
+DEFAULT_QUARANTINE_DAYS = 30.0
 
 
 def build_pipeline(settings: Settings, metrics: Metrics | None = None) -> Pipeline:
@@ -112,12 +115,14 @@ class Node:
         self.inbound = Inbound(settings, self.directory, self.pipeline, self.spool, self.queue,
                                self.quarantine, self.metrics, self.ids, self.dns)
         self.admin = AdminServer(self.metrics, self.queue, self.ready,
-                                 str(settings.node.spool_dir))
+                                 str(settings.node.spool_dir), self.quarantine,
+                                 self.release_quarantined)
         self.servers: list[asyncio.Server] = []
         self.listener: Listener | None = None
         self.shutdown_grace = 5.0
         self.ports: list[int] = []
         self.admin_port: int | None = None
+        self._purger: asyncio.Task[None] | None = None
 
     def _lmtp_agent(self, endpoint: str) -> DeliveryAgent:
         agent = self._lmtp_agents.get(endpoint)
@@ -147,10 +152,14 @@ class Node:
         if admin is not None:
             await self.admin.start(admin.host, admin.port)
             self.admin_port = admin.port
+        self._purger = asyncio.create_task(self._purge_quarantine(), name="quarantine-purge")
         log.info("node %s ready: pid %d, %d message(s) recovered from the spool",
                  self.settings.node.name, os.getpid(), recovered)
 
     async def stop(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
         for server in self.servers:
             server.close()
         if self.listener is not None:
@@ -174,6 +183,31 @@ class Node:
         if not os.access(self.spool.queue_dir, os.W_OK):
             return False, "spool not writable"
         return True, "ok"
+
+    async def release_quarantined(self, tenant: str, entry_id: str) -> str:
+        """Deliver a quarantined copy as if it had been accepted; returns its queue id."""
+        envelope, message = await asyncio.to_thread(self.quarantine.take, tenant, entry_id)
+        released = msgspec.structs.replace(envelope, id=self.ids.new(), received=time.time())
+        await self.spool.commit(released, message)
+        await asyncio.to_thread(self.quarantine.delete, tenant, entry_id)
+        self.queue.submit(released, message)
+        log.info("quarantine %s/%s released as queue=%s", tenant, entry_id, released.id)
+        return released.id
+
+    async def _purge_quarantine(self) -> None:
+        """Hourly: drop quarantine entries past their tenant's retention."""
+        while True:
+            try:
+                retention: dict[str, float] = {}
+                for tenant_id in await asyncio.to_thread(self.quarantine.tenants):
+                    tenant = await self.directory.tenant(tenant_id)
+                    if tenant is not None:
+                        retention[tenant_id] = tenant.policy.quarantine_retention_days
+                await asyncio.to_thread(self.quarantine.purge, retention,
+                                        DEFAULT_QUARANTINE_DAYS)
+            except Exception:
+                log.exception("quarantine purge failed; trying again in an hour")
+            await asyncio.sleep(3600)
 
     async def _report_failures(self, entry: QueueEntry, message: bytes) -> None:
         """Queue one DSN for the entry's failed recipients, unless it must not get one."""

@@ -4,6 +4,7 @@
     mailedge check-config   --config PATH
     mailedge print-pipeline --config PATH [--tenant T]
     mailedge queue list|show ID|retry ID|delete ID --config PATH
+    mailedge quarantine list [TENANT] | show|release|delete TENANT ID --config PATH
     mailedge dev-cert       [--dir var/tls] [--hostname NAME]
     mailedge tenant-api     --data FILE --listen HOST:PORT --token TOKEN
     mailedge hash-password  [--password P]
@@ -234,6 +235,82 @@ def _queue_offline(settings: Settings, action: str, queue_id: str | None) -> int
         spool.close()
 
 
+def quarantine_command(path: str, action: str, tenant: str | None,
+                       entry_id: str | None) -> int:
+    """Quarantine actions through the running node, or on the files when it is down."""
+    settings = _load(path)
+    if action != "list" and not (tenant and entry_id):
+        print(f"mailedge quarantine {action} needs a tenant and an id", file=sys.stderr)
+        return 2
+    from urllib.parse import quote
+
+    base = f"/quarantine/{quote(tenant or '', safe='')}/{quote(entry_id or '', safe='')}"
+    method, url = {"list": ("GET", "/quarantine" + (f"?tenant={quote(tenant)}" if tenant
+                                                     else "")),
+                   "show": ("GET", base), "release": ("POST", f"{base}/release"),
+                   "delete": ("DELETE", base)}[action]
+    try:
+        result = _admin(settings, method, url)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            print(f"no quarantined message {tenant}/{entry_id}", file=sys.stderr)
+            return 1
+        raise
+    except (ConnectionError, urllib.error.URLError, TimeoutError):
+        return _quarantine_offline(settings, action, tenant, entry_id)
+    _print_quarantine(action, result)
+    return 0
+
+
+def _print_quarantine(action: str, result: Any) -> None:
+    if action != "list":
+        print(json.dumps(result, indent=2))
+        return
+    if not result:
+        print("quarantine is empty")
+    for entry in result:
+        received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["received"]))
+        print(f"{entry['tenant']}  {entry['id']}  {received}  <{entry['sender']}>  "
+              f"{', '.join(entry['recipients'])}  {entry['reason']}")
+
+
+def _quarantine_offline(settings: Settings, action: str, tenant: str | None,
+                        entry_id: str | None) -> int:
+    from gateway.quarantine import NotQuarantined, Quarantine
+    from gateway.spool import QueueIdFactory, Spool, SpoolFS
+
+    quarantine = Quarantine(settings.node.spool_dir / "quarantine", SpoolFS())
+    try:
+        if action == "list":
+            _print_quarantine("list", [e.summary() for e in quarantine.entries(tenant)])
+        elif action == "show":
+            assert tenant and entry_id
+            _print_quarantine("show", quarantine.entry(tenant, entry_id).summary())
+        elif action == "delete":
+            assert tenant and entry_id
+            quarantine.delete(tenant, entry_id)
+            print(json.dumps({"deleted": True}))
+        else:
+            assert tenant and entry_id
+            import msgspec
+
+            envelope, message = quarantine.take(tenant, entry_id)
+            spool = Spool(settings.node.spool_dir, threads=1)
+            released = msgspec.structs.replace(
+                envelope, id=QueueIdFactory(settings.node.name).new(), received=time.time())
+            try:
+                asyncio.run(spool.commit(released, message))
+            finally:
+                spool.close()
+            quarantine.delete(tenant, entry_id)
+            print(json.dumps({"released": True, "queue_id": released.id,
+                              "note": "node not running: delivered when it starts"}))
+    except NotQuarantined:
+        print(f"no quarantined message {tenant}/{entry_id}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def tenant_api(data: Path, listen: str, token: str | None) -> int:
     """Serve the tenant API contract from a tenants file (the reference server)."""
     import os
@@ -282,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     with_config(commands.add_parser("check-config", help="validate config and tenants"))
     pp = with_config(commands.add_parser("print-pipeline", help="show the filter order"))
     pp.add_argument("--tenant")
+    qa = with_config(commands.add_parser("quarantine", help="list, show, release, delete "
+                                         "quarantined copies"))
+    qa.add_argument("action", choices=["list", "show", "release", "delete"])
+    qa.add_argument("tenant", nargs="?")
+    qa.add_argument("id", nargs="?")
     ta = commands.add_parser("tenant-api", help="run the reference tenant API server")
     ta.add_argument("--data", default="config/tenants.toml", help="tenants file to serve")
     ta.add_argument("--listen", default="127.0.0.1:8081")
@@ -303,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.config)
     if args.command == "print-pipeline":
         return print_pipeline(args.config, args.tenant)
+    if args.command == "quarantine":
+        return quarantine_command(args.config, args.action, args.tenant, args.id)
     if args.command == "tenant-api":
         return tenant_api(Path(args.data), args.listen, args.token)
     if args.command == "hash-password":

@@ -44,6 +44,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
     # Storage
     archive_retention_days: Annotated[int, msgspec.Meta(ge=0)] = 0
     max_message_size: PositiveInt | None = None
+    quarantine_retention_days: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     # Copies this tenant refuses in a transaction accepted for another tenant.
     rejected_copies: Literal["quarantine", "discard"] = "quarantine"
 

@@ -181,7 +181,7 @@ async def test_dmarc_reject_enforced_for_one_tenant_monitored_for_another(  # ty
     assert "spf=softfail" in results and "dmarc=fail" in results
     assert "policy.dmarc=reject" in results
     assert harness.maildir_messages("alice@example.test") == []
-    assert harness.node is not None and len(harness.node.quarantine.list("acme")) == 1
+    assert harness.node is not None and len(harness.node.quarantine.ids("acme")) == 1
 
 
 async def test_dmarc_quarantine_and_subdomain_policy(node_factory, zones: AuthoritativeDNS) -> None:  # type: ignore[no-untyped-def]
@@ -194,7 +194,7 @@ async def test_dmarc_quarantine_and_subdomain_policy(node_factory, zones: Author
     assert code == 250
     await harness.wait_empty()
     assert harness.maildir_messages("alice@example.test") == []
-    assert harness.node is not None and len(harness.node.quarantine.list("acme")) == 1
+    assert harness.node is not None and len(harness.node.quarantine.ids("acme")) == 1
 
 
 async def test_spf_results_recorded(node_factory, zones: AuthoritativeDNS) -> None:  # type: ignore[no-untyped-def]

@@ -45,8 +45,8 @@ async def test_one_rejects_one_accepts(node_factory, sink: SmtpSink) -> None:  #
     assert len(harness.maildir_messages("alice@example.test")) == 1
     assert harness.maildir_messages("carol@example.org") == []
     assert harness.node is not None
-    assert len(harness.node.quarantine.list("globex")) == 1
-    envelope, held = harness.node.quarantine.load("globex", harness.node.quarantine.list(
+    assert len(harness.node.quarantine.ids("globex")) == 1
+    envelope, held = harness.node.quarantine.load("globex", harness.node.quarantine.ids(
         "globex")[0])
     assert [r.mailbox for r in envelope.recipients] == ["carol@example.org"]
     assert b"X-Mailedge-Quarantine-Reason: size_limit" in held
