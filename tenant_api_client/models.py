@@ -37,8 +37,18 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
     spf_fail_reject: bool = False  # SPF fail without a DMARC pass: 550 5.7.23
     # Sealers whose valid ARC chain overrides a DMARC failure of forwarded mail.
     arc_trusted_sealers: tuple[str, ...] = ()
+    # Senders that skip spam scoring decisions / are always refused (addresses, or
+    # "@domain" for a whole domain).
+    spam_allow_senders: tuple[str, ...] = ()
+    spam_block_senders: tuple[str, ...] = ()
     # Connection level
     greylisting: bool = False
+    require_fcrdns: bool = False  # clients without forward-confirmed rDNS: 450 4.7.25
+    # The tenant's own allow and deny lists (addresses, networks; "@domain" senders).
+    allow_ips: tuple[str, ...] = ()
+    deny_ips: tuple[str, ...] = ()
+    allow_senders: tuple[str, ...] = ()
+    deny_senders: tuple[str, ...] = ()
     # Forwarding
     srs_domain: str | None = None
     # Storage
