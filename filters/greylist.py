@@ -31,7 +31,7 @@ only_if_absent)` succeeded; a retry passes when gl:w is still there and gl:d is 
 Nothing is delayed when it need not be (in this order, cheapest first):
 
 * the tenant's policy does not ask for greylisting → SKIP;
-* the store is degraded (Redis unreachable) → PASS: greylisting is a nicety, and an
+* the store is degraded (Redis unreachable) → SKIP, mail passes: greylisting is a nicety, and an
   outage of the shared store must never defer all mail (node-local triplets would defer
   every retry that lands on another node). The same holds when the store raises: the
   filter's error action is CONTINUE;
@@ -139,7 +139,7 @@ class Greylist:
             return CONTINUE
         store: StateStore | None = getattr(ctx.services, "state", None)
         if store is None or store.degraded:
-            ctx.note(Outcome.PASS, "shared state unavailable, not greylisting")
+            ctx.note(Outcome.SKIP, "no state store" if store is None else "state degraded")
             return CONTINUE
         recipient = ctx.envelope.current_recipient
         sender = ctx.envelope.sender

@@ -42,10 +42,11 @@ counter must not defer all mail.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from filters.base import (
@@ -100,7 +101,6 @@ class LimitSettings:
     recipients_per_ip_per_hour: int = 10000
     connection_lease: float = 3600.0
     exempt: tuple[str, ...] = ()
-    exempt_networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("max_connections_per_ip", "connection_rate_per_minute",
@@ -110,17 +110,20 @@ class LimitSettings:
                 raise ValueError(f"limits.{name} must be a non-negative integer")
         if self.connection_lease <= 0:
             raise ValueError("limits.connection_lease must be greater than 0")
-        networks: list[Network] = []
         for text in self.exempt:
             try:
-                networks.append(ipaddress.ip_network(text, strict=False))
+                ipaddress.ip_network(text, strict=False)
             except ValueError:
                 raise ValueError(f"limits.exempt: {text!r} is not a network") from None
-        object.__setattr__(self, "exempt_networks", tuple(networks))
 
     def is_exempt(self, ip: str) -> bool:
         address = parse_ip(ip)
-        return address is not None and any(address in n for n in self.exempt_networks)
+        return address is not None and any(address in n for n in _networks(self.exempt))
+
+
+@functools.lru_cache(maxsize=32)
+def _networks(texts: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
 
 
 def client_unit(ip: str) -> str:

@@ -7,7 +7,8 @@ Assumed wiring (skipped until it exists): the filters are registered as "limits"
 reachable as `node.inbound.services.state`; a 421 from CONNECT is sent instead of the
 banner and the connection closed; `session_closed` is called at every disconnect; the
 gateway records each decided message with `reputation.record_outcome`; a tarpit fact
-slows the client's replies.
+delays (at least) the banner; `ctx.fact` at MAIL/RCPT also sees facts computed at
+CONNECT/HELO (the session's results).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from filters import REGISTRY
+from filters.base import CONTINUE, Action, Context, Outcome, Stage, Verdict
 from filters.reputation import MailOutcome, lookup, record_outcome
 from filters.state import StateStore
 from gateway.config import Settings
@@ -40,6 +43,31 @@ OFF = {"max_connections_per_ip": 0, "connection_rate_per_minute": 0,
 GREYLIST_TENANTS = DEFAULT_TENANTS.replace(
     '[tenant.acme.mailbox."disabled@example.test"]',
     '[tenant.acme.policy]\ngreylisting = true\n[tenant.acme.mailbox."disabled@example.test"]')
+
+
+@dataclass(frozen=True)
+class DnsblResult:
+    """The shape greylisting reads from the `dnsbl` fact (filters/dnsbl.py's result)."""
+
+    listed: bool = False
+    allowlisted: bool = False
+
+
+class ScriptedDnswl:
+    """A CONNECT check standing in for filters/dnsbl.py: every client is on a DNSWL."""
+
+    name = "test_dnswl"
+    stages = frozenset({Stage.CONNECT})
+    timeout = 1.0
+    on_error = Action.CONTINUE
+
+    async def check(self, ctx: Context) -> Verdict:
+        async def lookup() -> DnsblResult:
+            return DnsblResult(allowlisted=True)
+
+        await ctx.once("dnsbl", lookup)
+        ctx.note(Outcome.PASS, "allowlisted")
+        return CONTINUE
 
 
 def state_of(harness: NodeHarness) -> StateStore:
@@ -78,6 +106,7 @@ async def test_concurrent_connections_per_ip(node_factory) -> None:  # type: ign
     assert (greeting.code, greeting.status) == (421, "4.7.0"), greeting
     assert "Too many connections from your host" in greeting.text
     assert await third.closed()
+    await third.close()
     await quit_(first)
 
     async def admitted() -> bool:
@@ -99,6 +128,7 @@ async def test_connection_rate_per_ip(node_factory) -> None:  # type: ignore[no-
     client, greeting = await RawSMTP.connect(harness.port)
     assert (greeting.code, greeting.status) == (421, "4.7.0"), greeting
     assert await client.closed()
+    await client.close()
 
 
 async def test_messages_per_ip_per_hour(node_factory) -> None:  # type: ignore[no-untyped-def]
@@ -166,6 +196,19 @@ async def test_greylisting_defers_the_first_attempt_per_tenant(node_factory) -> 
     await quit_(client)
     await harness.wait_empty()
     assert len(harness.maildir_messages("alice@example.test")) == 2
+
+
+async def test_dnswl_fact_from_connect_skips_greylisting(node_factory,  # type: ignore[no-untyped-def]
+                                                         monkeypatch) -> None:
+    """A fact computed at CONNECT must be visible to RCPT filters (ctx.fact)."""
+    monkeypatch.setitem(REGISTRY, ScriptedDnswl.name, ScriptedDnswl)
+    harness: NodeHarness = await node_factory(tenants=GREYLIST_TENANTS, overrides={
+        "pipeline": {"connect": [ScriptedDnswl.name], "rcpt": ["greylist"],
+                     "message": ["size_limit"]}})
+    client = await hello(harness)
+    assert (await client.cmd("MAIL FROM:<sender@remote.example>")).code == 250
+    assert (await client.cmd("RCPT TO:<alice@example.test>")).code == 250
+    await quit_(client)
 
 
 # -- reputation ---------------------------------------------------------------------------------
