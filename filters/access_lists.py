@@ -12,10 +12,11 @@ and per tenant in its policy (``allow_ips``, ``deny_ips``, ``allow_senders``,
 * Sender entries: an address (``user@example.com``: the local part compared NFC-
   normalised and case-folded, the domain lowercased as an A-label, DESIGN.md's lookup
   form; an entry without a ``+detail`` also matches the sender's subaddresses, so
-  ``user@example.com`` matches ``User+news@Example.COM``); a domain (``example.com``:
-  exactly that domain); or a leading dot (``.example.com``: every subdomain of
-  example.com, not example.com itself - Postfix's access-table convention; list both to
-  get both). The null sender matches no entry.
+  ``user@example.com`` matches ``User+news@Example.COM``); a domain (``@example.com``
+  as docs/tenants-file.md writes it, or ``example.com``: exactly that domain); or a
+  leading dot (``.example.com``: every subdomain of example.com, not example.com
+  itself - Postfix's access-table convention; list both to get both). The null sender
+  matches no entry.
 
 Within one list pair (say node-wide IPs) the most specific matching entry decides, so
 an allow entry can carve an exception out of a denied network and the other way round:
@@ -168,11 +169,14 @@ def _parse_ip(entry: str) -> tuple[Network | None, str]:
 def _parse_sender(entry: str) -> tuple[tuple[str, str] | None, str]:
     """(("address"|"domain"|"suffix", key), "") or (None, problem)."""
     text = entry.strip()
+    if text.startswith("@"):  # "@example.com": the domain, as the tenant API documents
+        text = text[1:]
+        if text.startswith("."):
+            return None, f"{entry!r}: write subdomains as '.example.com', without '@'"
     if "@" in text:
         local, _, domain = text.rpartition("@")
         if not local:
-            return None, (f"{entry!r}: no local part (write a domain as 'example.com', "
-                          "its subdomains as '.example.com')")
+            return None, f"{entry!r}: no local part"
         lookup = _ascii_domain(domain.rstrip("."))
         if lookup is None:
             return None, f"{entry!r}: {domain!r} is not a domain"
@@ -357,6 +361,11 @@ class AccessMatch:
     scope: str  # "global" or the tenant id
     list: str  # "allow_ips", "deny_senders", ...
     entry: str
+
+    @property
+    def allowlisted(self) -> bool:
+        """True for an allow entry (what readers of the ``"allowlisted"`` fact test)."""
+        return self.action == "allow"
 
     def describe(self) -> str:
         return f"{self.scope} {self.list} {self.entry!r}"

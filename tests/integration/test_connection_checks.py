@@ -183,7 +183,7 @@ async def test_allowlisted_client_is_spared_a_held_denial(node_factory: NodeFact
     zones.zone("senders.test").add("partner", "MX", "10 mx.senders.test.")
     harness = await start(node_factory, zones,
                           pipeline={"connect": ["dnsbl", "access_lists"]},
-                          access={"allow_senders": ["partner.senders.test"]})
+                          access={"allow_senders": ["@partner.senders.test"]})
     client = await session(harness, "billing@partner.senders.test")
     assert (await rcpt(client, "alice@example.test")).code == 250
     await client.close()

@@ -125,6 +125,8 @@ SENDER_CASES: list[tuple[str, tuple[str, ...], tuple[str, ...], str, str | None]
      "Spam+list@example.com", "deny spam+list@example.com"),
     ("other address", ("boss@example.com",), (), "clerk@example.com", None),
     ("domain", (), ("spam.test",), "x@SPAM.test", "deny spam.test"),
+    ("@domain", (), ("@spam.test",), "x@SPAM.test", "deny @spam.test"),
+    ("@domain does not match subdomains", (), ("@spam.test",), "x@a.spam.test", None),
     ("domain does not match subdomains", (), ("spam.test",), "x@mail.spam.test", None),
     ("dot matches subdomains", (), (".spam.test",), "x@a.b.spam.test", "deny .spam.test"),
     ("dot does not match the domain", (), (".spam.test",), "x@spam.test", None),
@@ -176,7 +178,7 @@ ALLOWLISTED_CASES: list[tuple[str, str, str, dict[str, Any] | None, bool]] = [
     ("allowed sender, denied client", "198.51.100.7", "x@partner.example", None, False),
     ("tenant allows the client", "203.0.113.1", "", {"allow_ips": ["203.0.113.0/24"]}, True),
     ("tenant allows the sender", "203.0.113.1", "ceo@Friend.example",
-     {"allow_senders": ["friend.example"]}, True),
+     {"allow_senders": ["@friend.example"]}, True),
     ("tenant allow does not beat a global deny", "198.51.100.7", "",
      {"allow_ips": ["198.51.100.7"]}, False),
     ("tenant deny beats a global allow", "192.0.2.1", "", {"deny_ips": ["192.0.2.1"]}, False),
@@ -206,14 +208,14 @@ def test_tenant_tie_is_a_denial() -> None:
 
 def test_invalid_tenant_entries_are_ignored_and_logged(caplog: pytest.LogCaptureFixture
                                                        ) -> None:
-    policy = {"allow_ips": ["192.0.2.300", "192.0.2.0/24"], "deny_senders": ["@x.example"]}
+    policy = {"allow_ips": ["192.0.2.300", "192.0.2.0/24"], "deny_senders": ["@.x.example"]}
     with caplog.at_level(logging.WARNING, logger="filters.access_lists"):
         assert allowlisted("192.0.2.9", "a@b.example", policy, None)
         assert allowlisted("192.0.2.9", "a@b.example", dict(policy), None)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2  # once per distinct list, not per call
     assert "'192.0.2.300' is not an IP address or network" in messages[0]
-    assert "no local part" in messages[1]
+    assert "write subdomains as '.example.com'" in messages[1]
     # A policy value that is not a list at all is ignored too.
     assert not allowlisted("192.0.2.9", "", {"allow_ips": "192.0.2.9"}, None)
 
@@ -225,18 +227,19 @@ def test_build_access_settings_reports_every_problem() -> None:
         build_access_settings(
             allow_ips=["192.0.2.1", "192.0.2.300", "10.0.0.1/8", 7, "192.0.2.1/32"],
             deny_ips=["192.0.2.1"],
-            allow_senders=["@example.com", "user@", "bad domain", ".", "ok.example"],
+            allow_senders=["@.example.com", "user@", "bad domain", ".", "ok.example",
+                           "@@example.com"],
             deny_senders=["ok.example"])
     assert isinstance(caught.value, ValueError)
     assert caught.value.problems == (
         "allow_ips[1]: '192.0.2.300' is not an IP address or network",
         "allow_ips[2]: '10.0.0.1/8' has host bits set (did you mean 10.0.0.0/8?)",
         "allow_ips[3]: 7 is not a string",
-        "allow_senders[0]: '@example.com': no local part (write a domain as 'example.com', "
-        "its subdomains as '.example.com')",
+        "allow_senders[0]: '@.example.com': write subdomains as '.example.com', without '@'",
         "allow_senders[1]: 'user@': '' is not a domain",
         "allow_senders[2]: 'bad domain' is not an address, a domain or a .domain",
         "allow_senders[3]: '.' is not an address, a domain or a .domain",
+        "allow_senders[5]: '@@example.com': no local part",
         "deny_ips: '192.0.2.1' is in allow_ips too",
         "deny_senders: 'ok.example' is in allow_senders too",
     )
@@ -297,6 +300,7 @@ async def test_connect_allow_accepts_and_records_the_fact() -> None:
     assert (await AccessLists().check(ctx)).action is Action.ACCEPT
     assert ctx.fact("allowlisted") == AccessMatch("allow", "global", "allow_ips",
                                                   "192.0.2.0/24")
+    assert ctx.fact("allowlisted").allowlisted  # what greylisting tests
     assert [e.outcome for e in results.entries] == [Outcome.PASS]
     assert is_allowlisted(ctx)
 
