@@ -6,6 +6,9 @@ composition root instantiates the ones the configuration names.
 
 from __future__ import annotations
 
+from filters.access_lists import AccessLists
+from filters.antispam import AntispamCheck
+from filters.antivirus import AntivirusCheck
 from filters.authentication import ArcCheck, DkimCheck, DmarcCheck, SpfCheck
 from filters.base import (
     CONTINUE,
@@ -19,14 +22,19 @@ from filters.base import (
     Stage,
     Verdict,
 )
+from filters.dnsbl import DnsblCheck
+from filters.greylist import Greylist
+from filters.limits import ConnectionLimits
+from filters.rdns import RdnsCheck
+from filters.reputation import ReputationCheck
+from filters.sender_domain import SenderDomainCheck
 from filters.size_limit import TenantSizeLimit
 
 REGISTRY: dict[str, type[Filter]] = {
-    TenantSizeLimit.name: TenantSizeLimit,
-    SpfCheck.name: SpfCheck,
-    DkimCheck.name: DkimCheck,
-    ArcCheck.name: ArcCheck,
-    DmarcCheck.name: DmarcCheck,
+    f.name: f for f in (
+        TenantSizeLimit, SpfCheck, DkimCheck, ArcCheck, DmarcCheck, AntivirusCheck,
+        AntispamCheck, DnsblCheck, RdnsCheck, SenderDomainCheck, AccessLists,
+        ConnectionLimits, ReputationCheck, Greylist)
 }
 
 __all__ = [

@@ -21,7 +21,9 @@ from datetime import UTC, datetime
 import msgspec
 
 from filters import REGISTRY
+from filters.clamav import ClamdClient
 from filters.dns import AsyncResolver
+from filters.rspamd import RspamdClient
 from gateway.admin import AdminServer
 from gateway.config import Settings
 from gateway.delivery import DeliveryAgent, Outcome
@@ -38,6 +40,7 @@ from gateway.router import StorageRouter
 from gateway.session import header_end
 from gateway.smtp_handler import Listener
 from gateway.spool import Envelope, Failed, QueueIdFactory, Spool, SpoolFS, SpoolRecipient
+from gateway.state import make_store
 from tenant_api_client import FileDirectory, TenantDirectory
 from tenant_api_client.cached import CachedTenantDirectory, CacheSettings
 from tenant_api_client.client import TenantApiClient, Timeouts
@@ -112,8 +115,15 @@ class Node:
                                     backend_pause=storage.backend_pause)
         self.queue = Queue(self.spool, self.router, settings.queue, self.metrics,
                            on_failures=self._report_failures)
+        self.state = make_store(settings.state.redis_url)
+        av, sp = settings.antivirus, settings.antispam
+        self.clamav = ClamdClient(av.clamd, timeout=av.timeout, max_stream=av.max_scan_size) \
+            if av.clamd else None
+        self.rspamd = RspamdClient(sp.rspamd_url, timeout=sp.timeout, max_size=sp.max_scan_size,
+                                   password=sp.password) if sp.rspamd_url else None
         self.inbound = Inbound(settings, self.directory, self.pipeline, self.spool, self.queue,
-                               self.quarantine, self.metrics, self.ids, self.dns)
+                               self.quarantine, self.metrics, self.ids, self.dns, self.state,
+                               self.clamav, self.rspamd)
         self.admin = AdminServer(self.metrics, self.queue, self.ready,
                                  str(settings.node.spool_dir), self.quarantine,
                                  self.release_quarantined)
@@ -173,6 +183,9 @@ class Node:
         await self.admin.stop()
         await self.directory.aclose()
         await self.dns.aclose()
+        await self.state.aclose()
+        if self.rspamd is not None:
+            await self.rspamd.aclose()
         self.spool.close()
 
     def ready(self) -> tuple[bool, str]:

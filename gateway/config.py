@@ -13,6 +13,7 @@ the example file and this module agree.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -20,6 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from filters.access_lists import AccessSettings, AccessSettingsError, build_access_settings
+from filters.dnsbl import DnsblSettings, DnsblSettingsError, build_dnsbl_settings
+from filters.greylist import GreylistSettings
+from filters.limits import LimitSettings
+from filters.reputation import ReputationSettings
 
 T = TypeVar("T")
 
@@ -112,6 +119,26 @@ class DnsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AntivirusSettings:
+    clamd: str | None = None  # "unix:/run/clamav/clamd.ctl" or "host:port"; None: no scanning
+    timeout: float = 60.0
+    max_scan_size: int = 26_214_400  # match clamd's StreamMaxLength; larger: unscanned
+
+
+@dataclass(frozen=True, slots=True)
+class AntispamSettings:
+    rspamd_url: str | None = None  # "http://127.0.0.1:11333"; None: no spam scanning
+    timeout: float = 20.0
+    max_scan_size: int = 10_485_760  # larger messages are not scored
+    password: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    redis_url: str | None = None  # None: in-memory state (run a single worker)
+
+
+@dataclass(frozen=True, slots=True)
 class StorageSettings:
     lmtp: str | None = None
     maildir: Path | None = Path("var/mail")
@@ -165,6 +192,14 @@ class Settings:
     tenants: TenantSettings = field(default_factory=TenantSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
+    antivirus: AntivirusSettings = field(default_factory=AntivirusSettings)
+    antispam: AntispamSettings = field(default_factory=AntispamSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    dnsbl: DnsblSettings = field(default_factory=DnsblSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    reputation: ReputationSettings = field(default_factory=ReputationSettings)
+    greylist: GreylistSettings = field(default_factory=GreylistSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
@@ -306,7 +341,8 @@ def _positive(value: Any) -> str | None:
 
 def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Settings:
     known_tables = {"node", "inbound", "tenants", "storage", "queue", "outbound", "admin",
-                    "pipeline", "dns"}
+                    "pipeline", "dns", "antivirus", "antispam", "state", "dnsbl", "access",
+                    "limits", "reputation", "greylist"}
     for key in data:
         if key not in known_tables:
             reader.problem(key, "unknown table")
@@ -465,6 +501,49 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
         cache_size=reader.get(t, "dns.cache_size", int, DnsSettings().cache_size, _positive),
     )
 
+    t = reader.table("antivirus", {"clamd", "timeout", "max_scan_size"})
+    av = AntivirusSettings()
+    antivirus = AntivirusSettings(
+        clamd=reader.get(t, "antivirus.clamd", str, None,
+                         lambda v: None if v.startswith("unix:/") or parse_host_port(v)
+                         else "must be unix:/path or host:port") or None,
+        timeout=reader.get(t, "antivirus.timeout", float, av.timeout, _positive),
+        max_scan_size=reader.get(t, "antivirus.max_scan_size", int, av.max_scan_size,
+                                 _positive))
+    t = reader.table("antispam", {"rspamd_url", "timeout", "max_scan_size", "password"})
+    sp = AntispamSettings()
+    antispam = AntispamSettings(
+        rspamd_url=reader.get(t, "antispam.rspamd_url", str, None,
+                              lambda v: None if re.fullmatch(r"https?://\S+", v)
+                              else "must be an http:// URL") or None,
+        timeout=reader.get(t, "antispam.timeout", float, sp.timeout, _positive),
+        max_scan_size=reader.get(t, "antispam.max_scan_size", int, sp.max_scan_size,
+                                 _positive),
+        password=reader.get(t, "antispam.password", str, None) or None)
+    t = reader.table("state", {"redis_url"})
+    state = StateSettings(redis_url=reader.get(
+        t, "state.redis_url", str, None,
+        lambda v: None if re.match(r"^(redis|rediss|redis\+sentinel|unix)://", v)
+        else "must be a redis://, rediss://, redis+sentinel:// or unix:// URL") or None)
+    t = reader.table("dnsbl", {"zones", "threshold"})
+    dnsbl = DnsblSettings()
+    try:
+        dnsbl = build_dnsbl_settings(**{k: t[k] for k in ("zones", "threshold") if k in t})
+    except DnsblSettingsError as exc:
+        for problem in exc.problems:
+            reader.problem("dnsbl." + problem.split(":", 1)[0].split("[", 1)[0],
+                           problem)
+    t = reader.table("access", {"allow_ips", "deny_ips", "allow_senders", "deny_senders"})
+    access = AccessSettings()
+    try:
+        access = build_access_settings(**dict(t))
+    except AccessSettingsError as exc:
+        for problem in exc.problems:
+            reader.problem("access." + problem.split(":", 1)[0].split("[", 1)[0], problem)
+    limits = _dataclass_table(reader, "limits", LimitSettings)
+    reputation = _dataclass_table(reader, "reputation", ReputationSettings)
+    greylist = _dataclass_table(reader, "greylist", GreylistSettings)
+
     t = reader.table("queue", {"retry_min", "retry_max", "lifetime", "max_active", "fsync"})
     q = QueueSettings()
     queue = QueueSettings(
@@ -509,8 +588,46 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
     pipeline = PipelineSettings(**stages)
 
     return Settings(path=path, node=node, inbound=inbound, tenants=tenants, storage=storage,
-                    dns=dns_settings,
+                    dns=dns_settings, antivirus=antivirus, antispam=antispam, state=state,
+                    dnsbl=dnsbl, access=access, limits=limits, reputation=reputation,
+                    greylist=greylist,
                     queue=queue, outbound=outbound, admin=admin, pipeline=pipeline)
+
+
+D = TypeVar("D")
+
+
+def _dataclass_table(reader: _Reader, name: str, cls: type[D]) -> D:
+    """A table read straight into a filter's settings dataclass, field by field.
+
+    Each key must be one of the dataclass's fields and of its default's type; the
+    dataclass's own checks (`__post_init__`) report the rest.
+    """
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    t = reader.table(name, set(fields_))
+    values: dict[str, Any] = {}
+    for key, value in t.items():
+        if key not in fields_:
+            continue
+        default = getattr(cls(), key)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                reader.problem(f"{name}.{key}", "must be a list of strings")
+                continue
+            values[key] = tuple(value)
+        elif isinstance(default, bool):
+            values[key] = reader.get(t, f"{name}.{key}", bool, default)
+        elif isinstance(default, int):
+            values[key] = reader.get(t, f"{name}.{key}", int, default)
+        elif isinstance(default, float):
+            values[key] = reader.get(t, f"{name}.{key}", float, default)
+        else:
+            values[key] = value
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        reader.problem(name, str(exc))
+        return cls()
 
 
 def load_config(path: Path) -> Settings:

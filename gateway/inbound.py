@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from filters import authentication as auth
+from filters.access_lists import allowlisted
 from filters.base import Action, Reply, Stage, Verdict
+from filters.clamav import ClamdClient
 from filters.dmarc import DmarcResult
 from filters.dns import Resolver
+from filters.rspamd import RspamdClient
+from filters.state import StateStore
 from gateway import replies
 from gateway.addresses import Address
 from gateway.config import Settings
@@ -68,6 +72,10 @@ class Services:
     directory: TenantDirectory
     dns: Resolver
     hostname: str  # our name: SPF's receiver, the authserv-id
+    settings: Settings  # filters read their own section: settings.dnsbl, .limits, ...
+    state: StateStore  # shared (Redis) or node-local counters, windows, sets
+    clamav: ClamdClient | None = None
+    rspamd: RspamdClient | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +87,8 @@ class DataOutcome:
 class Inbound:
     def __init__(self, settings: Settings, directory: TenantDirectory, pipeline: Pipeline,
                  spool: Spool, queue: Queue, quarantine: Quarantine, metrics: Metrics,
-                 ids: QueueIdFactory, dns: Resolver) -> None:
+                 ids: QueueIdFactory, dns: Resolver, state: StateStore,
+                 clamav: ClamdClient | None = None, rspamd: RspamdClient | None = None) -> None:
         self.settings = settings
         self.directory = directory
         self.pipeline = pipeline
@@ -89,7 +98,8 @@ class Inbound:
         self.metrics = metrics
         self.ids = ids
         self.services = Services(directory=directory, dns=dns,
-                                 hostname=settings.inbound.hostname)
+                                 hostname=settings.inbound.hostname, settings=settings,
+                                 state=state, clamav=clamav, rspamd=rspamd)
         self.hostname = settings.inbound.hostname
 
     # -- stages before RCPT -----------------------------------------------------------
@@ -103,7 +113,8 @@ class Inbound:
         results = txn.results if txn is not None else session.results
         return FilterContext(stage, SessionView(session),
                              EnvelopeViewImpl(txn, recipients, current, size), tenant, message,
-                             self.services, results)
+                             self.services, results,
+                             session.results if results is not session.results else None)
 
     async def _early_stage(self, stage: Stage, session: Session,
                            txn: Transaction | None) -> None:
@@ -182,7 +193,9 @@ class Inbound:
             return self._refuse(session, found.tenant, "alias_empty", replies.NO_SUCH_USER,
                                 address)
         accepted = AcceptedRecipient(address, mailboxes[0])
-        if session.held and address.lookup_local not in ALWAYS_REACHABLE:
+        if session.held and address.lookup_local not in ALWAYS_REACHABLE and not allowlisted(
+                session.client_ip, txn.sender_text, TenantViewImpl(tenant).policy,
+                self.settings.access):
             held = session.held[0]
             reply = held.verdict.reply or (replies.DEFAULT_REJECT
                                            if held.verdict.action is Action.REJECT
@@ -258,7 +271,9 @@ class Inbound:
             log.info("session=%s removed %d forged Authentication-Results header(s)",
                      session.session_id, removed)
         single = txn.recipients[0].address if len(txn.recipients) == 1 else None
-        trace = received_header(helo=session.helo, client_ip=session.client_ip, rdns=None,
+        rdns = _done(session.results.facts.get("rdns"))
+        trace = received_header(helo=session.helo, client_ip=session.client_ip,
+                                rdns=getattr(rdns, "name", None),
                                 hostname=self.hostname, protocol=self._protocol(session, txn),
                                 queue_id=queue_id, recipient=single)
         message = trace + header + content[header_len:]

@@ -14,6 +14,7 @@ several tenants (see `combine_message_verdicts`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -48,7 +49,7 @@ class FilterContext:
 
     def __init__(self, stage: Stage, session: SessionInfo, envelope: EnvelopeView,
                  tenant: TenantView | None, message: MessageView | None, services: Any,
-                 results: Results) -> None:
+                 results: Results, session_results: Results | None = None) -> None:
         self._stage = stage
         self._session = session
         self._envelope = envelope
@@ -56,6 +57,8 @@ class FilterContext:
         self._message = message
         self._services = services
         self._results = results
+        # Facts from CONNECT/HELO live on the session; a transaction sees them too.
+        self._session_results = session_results
         self.current_filter = ""
 
     @property
@@ -89,6 +92,8 @@ class FilterContext:
     async def once(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
         facts = self._results.facts
         task = facts.get(key)
+        if task is None and self._session_results is not None:
+            task = self._session_results.facts.get(key)
         if task is None:
             task = asyncio.ensure_future(compute())
             facts[key] = task
@@ -98,6 +103,8 @@ class FilterContext:
 
     def fact(self, key: str) -> Any:
         task = self._results.facts.get(key)
+        if task is None and self._session_results is not None:
+            task = self._session_results.facts.get(key)
         if task is None or not task.done() or task.cancelled() or task.exception():
             return None
         return task.result()
@@ -150,6 +157,9 @@ class Pipeline:
         return "\n".join(lines)
 
     async def run(self, ctx: FilterContext) -> StageResult:
+        # Headers from filters that let the message go on (X-Spam-Score, "unscanned")
+        # travel with whatever verdict settles the stage.
+        headers: list[tuple[str, str]] = []
         for filt in self.stages[ctx.stage]:
             ctx.current_filter = filt.name
             started = time.perf_counter()
@@ -169,7 +179,13 @@ class Pipeline:
                 self._observe(filt.name, ctx.stage, verdict.action,
                               time.perf_counter() - started)
             if verdict.action is not Action.CONTINUE:
+                if headers:
+                    verdict = dataclasses.replace(
+                        verdict, add_headers=(*headers, *verdict.add_headers))
                 return StageResult(verdict, filt.name)
+            headers.extend(verdict.add_headers)
+        if headers:
+            return StageResult(Verdict(Action.CONTINUE, add_headers=tuple(headers)), "")
         return StageResult(CONTINUE, "")
 
 

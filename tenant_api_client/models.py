@@ -44,6 +44,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Fa
     # Connection level
     greylisting: bool = False
     require_fcrdns: bool = False  # clients without forward-confirmed rDNS: 450 4.7.25
+    reject_unknown_sender_domain: bool = True  # sender_domain at RCPT: 550 5.1.8 / 5.7.27
     # The tenant's own allow and deny lists (addresses, networks; "@domain" senders).
     allow_ips: tuple[str, ...] = ()
     deny_ips: tuple[str, ...] = ()
