@@ -687,9 +687,12 @@ async def test_scan_request_carries_the_transaction() -> None:
 
 
 async def test_unconfirmed_or_failed_rdns_sends_no_hostname() -> None:
-    for answers in ({("10.2.0.192.in-addr.arpa", "PTR"): ["liar.example"],
-                     ("liar.example", "A"): ["198.51.100.1"]},
-                    {("10.2.0.192.in-addr.arpa", "PTR"): DnsTemporaryError("timeout")}):
+    unconfirmed: dict[tuple[str, str], list[str] | Exception] = {
+        ("10.2.0.192.in-addr.arpa", "PTR"): ["liar.example"],
+        ("liar.example", "A"): ["198.51.100.1"]}
+    failed: dict[tuple[str, str], list[str] | Exception] = {
+        ("10.2.0.192.in-addr.arpa", "PTR"): DnsTemporaryError("timeout")}
+    for answers in (unconfirmed, failed):
         scanner = FakeScanner(result(1.0))
         await run_tenants(scanner, {"acme": {}}, dns=FakeResolver(answers))
         assert scanner.calls[0]["hostname"] is None
