@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,19 @@ from filters.reputation import MailOutcome, lookup, record_outcome
 from filters.state import StateStore
 from gateway.config import Settings
 from tests.support.node import DEFAULT_TENANTS, NodeHarness
-from tests.support.smtp import RawSMTP, dot_stuff, message
+from tests.support.smtp import RawSMTP, Reply, dot_stuff, message
 
 WIRED = {"limits", "reputation", "greylist"} <= set(REGISTRY) and {
     "limits", "reputation", "greylist"} <= {f.name for f in dataclasses.fields(Settings)}
+
+# Gateway parts proposed with these filters (see the docstring). Until they land, the tests
+# that need them are expected to fail; strict, so each XPASS says "remove this marker".
+GATEWAY_DONE = False
+
+
+def needs(what: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(not GATEWAY_DONE, reason=f"needs {what}", strict=True)
+
 
 pytestmark = [
     pytest.mark.integration,
@@ -84,8 +94,26 @@ async def limited_node(node_factory: Any, stage: str, **limits: int) -> NodeHarn
     return harness
 
 
-async def hello(harness: NodeHarness) -> RawSMTP:
+_OPEN: list[RawSMTP] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_clients(node_factory: Any) -> AsyncIterator[None]:
+    """Every client a test opened is closed, also when the test failed half-way (and
+    before the node stops: it would wait for the sessions to end)."""
+    yield
+    while _OPEN:
+        await _OPEN.pop().close()
+
+
+async def connect(harness: NodeHarness) -> tuple[RawSMTP, Reply]:
     client, greeting = await RawSMTP.connect(harness.port)
+    _OPEN.append(client)
+    return client, greeting
+
+
+async def hello(harness: NodeHarness) -> RawSMTP:
+    client, greeting = await connect(harness)
     assert greeting.code == 220, greeting
     assert (await client.cmd("EHLO client.example")).code == 250
     return client
@@ -99,10 +127,11 @@ async def quit_(client: RawSMTP) -> None:
 # -- limits -----------------------------------------------------------------------------------
 
 
+@needs("the 421-at-CONNECT rule and the session_closed hook")
 async def test_concurrent_connections_per_ip(node_factory) -> None:  # type: ignore[no-untyped-def]
     harness = await limited_node(node_factory, "connect", max_connections_per_ip=2)
     first, second = await hello(harness), await hello(harness)
-    third, greeting = await RawSMTP.connect(harness.port)
+    third, greeting = await connect(harness)
     assert (greeting.code, greeting.status) == (421, "4.7.0"), greeting
     assert "Too many connections from your host" in greeting.text
     assert await third.closed()
@@ -110,7 +139,7 @@ async def test_concurrent_connections_per_ip(node_factory) -> None:  # type: ign
     await quit_(first)
 
     async def admitted() -> bool:
-        client, reply = await RawSMTP.connect(harness.port)
+        client, reply = await connect(harness)
         await client.close()
         return reply.code == 220
 
@@ -121,11 +150,12 @@ async def test_concurrent_connections_per_ip(node_factory) -> None:  # type: ign
     await quit_(second)
 
 
+@needs("the 421-at-CONNECT rule")
 async def test_connection_rate_per_ip(node_factory) -> None:  # type: ignore[no-untyped-def]
     harness = await limited_node(node_factory, "connect", connection_rate_per_minute=3)
     for _ in range(3):
         await quit_(await hello(harness))
-    client, greeting = await RawSMTP.connect(harness.port)
+    client, greeting = await connect(harness)
     assert (greeting.code, greeting.status) == (421, "4.7.0"), greeting
     assert await client.closed()
     await client.close()
@@ -227,6 +257,7 @@ async def test_poor_reputation_is_refused_at_rcpt_except_postmaster(node_factory
     await quit_(client)
 
 
+@needs("the tarpit delay in the SMTP handler")
 async def test_mediocre_reputation_is_tarpitted(node_factory) -> None:  # type: ignore[no-untyped-def]
     harness: NodeHarness = await node_factory(overrides={
         "reputation": {"tarpit_seconds": 0.5},
@@ -240,6 +271,7 @@ async def test_mediocre_reputation_is_tarpitted(node_factory) -> None:  # type: 
     await quit_(client)
 
 
+@needs("record_outcome calls in Inbound.data")
 async def test_decided_messages_feed_reputation(node_factory) -> None:  # type: ignore[no-untyped-def]
     harness: NodeHarness = await node_factory()
     client = await hello(harness)
@@ -248,7 +280,7 @@ async def test_decided_messages_feed_reputation(node_factory) -> None:  # type: 
     assert reply.code == 250
     await quit_(client)
 
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 2
     while (await lookup(state_of(harness), "127.0.0.1")).host.accepted != 1:
         assert time.monotonic() < deadline, "the accepted message was not recorded"
         await asyncio.sleep(0.02)
