@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from filters import authentication as auth
+from filters import reputation
 from filters.access_lists import allowlisted
 from filters.base import Action, Reply, Stage, Verdict
 from filters.clamav import ClamdClient
@@ -117,16 +118,34 @@ class Inbound:
                              session.results if results is not session.results else None)
 
     async def _early_stage(self, stage: Stage, session: Session,
-                           txn: Transaction | None) -> None:
+                           txn: Transaction | None) -> Reply | None:
         result = await self.pipeline.run(self._context(stage, session, txn))
+        reply = result.verdict.reply
+        if stage is Stage.CONNECT and reply is not None and reply.code == 421:
+            # 421 closes the channel (RFC 5321 §3.8): a resource limit acts at once.
+            # (Only CONNECT for now: helo() and mail() would have to act on it too.)
+            log.info("session=%s %s from %s at %s: %s", session.session_id, reply,
+                     result.filter, stage.value, result.verdict.reason)
+            return reply
         if result.verdict.action in (Action.REJECT, Action.TEMPFAIL):
             log.info("session=%s held %s from %s at %s: %s", session.session_id,
                      result.verdict.action.value, result.filter, stage.value,
                      result.verdict.reason)
             session.held.append(HeldDenial(stage, result.filter, result.verdict))
+        return None
 
-    async def connect(self, session: Session) -> None:
-        await self._early_stage(Stage.CONNECT, session, None)
+    async def connect(self, session: Session) -> Reply | None:
+        """Run the CONNECT filters; a 421 to send instead of the banner (then close)."""
+        return await self._early_stage(Stage.CONNECT, session, None)
+
+    async def closed(self, session: Session) -> None:
+        """The connection ended (however): filters with a disconnect hook hear of it."""
+        await self.pipeline.session_closed(SessionView(session))
+
+    def tarpit(self, session: Session) -> float:
+        """Seconds to delay replies to this client (reputation's tarpit fact), 0 if none."""
+        value = _done(session.results.facts.get(reputation.TARPIT_FACT))
+        return float(value) if isinstance(value, (int, float)) else 0.0
 
     async def helo(self, session: Session) -> None:
         # A new HELO/EHLO replaces what the last one earned.
@@ -307,6 +326,9 @@ class Inbound:
             log.info("session=%s data %s (%s by %s for tenant %s): %s", session.session_id,
                      combined.action.value, verdict.reason, settled_by[tenant], tenant,
                      verdict.reply or default)
+            if combined.action is Action.REJECT:
+                await self._record(session, _outcome(verdicts, settled_by,
+                                                     reputation.MailOutcome.REJECTED))
             return DataOutcome(verdict.reply or default)
 
         # Which copies go where: one queued copy per distinct set of added headers,
@@ -331,7 +353,11 @@ class Inbound:
         envelopes: list[tuple[Envelope, bytes]] = []
         for index, (added, recipients) in enumerate(deliver.items()):
             copy_id = queue_id if index == 0 else self.ids.new()
-            envelopes.append((self._envelope(copy_id, session, txn, recipients, message_view),
+            # Mail scored as spam never causes a DSN later (it would be backscatter).
+            spam = any(name.lower() == "x-spam-flag" and value.strip().upper() == "YES"
+                       for name, value in added)
+            envelopes.append((self._envelope(copy_id, session, txn, recipients, message_view,
+                                             spam),
                               _with_headers(message, len(trace), added)))
         try:
             await asyncio.gather(
@@ -357,11 +383,22 @@ class Inbound:
             self.metrics.quarantined.labels(self.metrics.tenant(t)).inc()
             log.info("session=%s queue=%s-q tenant %s copy quarantined: %s",
                      session.session_id, queue_id, t, verdict.reason)
+        await self._record(session, _outcome(verdicts, settled_by,
+                                             reputation.MailOutcome.ACCEPTED))
         ids = tuple(env.id for env, _ in envelopes)
         log.info("session=%s from=<%s> size=%d nrcpt=%d queued=%s results=%s",
                  session.session_id, txn.sender_text, len(message), len(txn.recipients),
                  ",".join(ids) or "-", summarise(txn))
         return DataOutcome(Reply(250, "2.0.0", f"Ok: queued as {queue_id}"), ids)
+
+    async def _record(self, session: Session, outcome: reputation.MailOutcome) -> None:
+        """Feed local reputation; never let its store stand between mail and its reply."""
+        try:
+            await reputation.record_outcome(self.services.state, session.client_ip, outcome,
+                                            self.settings.reputation)
+        except Exception:
+            log.warning("session=%s reputation not recorded", session.session_id,
+                        exc_info=True)
 
     def _authentication_results(self, session: Session, txn: Transaction) -> bytes:
         """The A-R field from the authentication facts, b"" when no check ran."""
@@ -376,13 +413,15 @@ class Inbound:
             dmarc=dmarc if isinstance(dmarc, DmarcResult) else None, arc=facts[auth.ARC])
 
     def _envelope(self, queue_id: str, session: Session, txn: Transaction,
-                  recipients: Sequence[AcceptedRecipient], message: MessageData) -> Envelope:
+                  recipients: Sequence[AcceptedRecipient], message: MessageData,
+                  spam: bool = False) -> Envelope:
         return Envelope(
             id=queue_id, sender=txn.sender_text,
             recipients=tuple(SpoolRecipient(address=r.address, mailbox=r.lookup_key,
                                             tenant=r.tenant) for r in recipients),
             received=time.time(), client_ip=session.client_ip, helo=session.helo or "",
-            smtputf8=txn.smtputf8, eight_bit=txn.eight_bit, header_size=message.header_size)
+            smtputf8=txn.smtputf8, eight_bit=txn.eight_bit, header_size=message.header_size,
+            spam=spam)
 
     @staticmethod
     def _protocol(session: Session, txn: Transaction) -> str:
@@ -410,3 +449,16 @@ def _done(task: Any) -> Any:
     if task is None or not task.done() or task.cancelled() or task.exception() is not None:
         return None
     return task.result()
+
+
+def _outcome(verdicts: dict[str, Verdict], settled_by: dict[str, str],
+             default: reputation.MailOutcome) -> reputation.MailOutcome:
+    """What a message says about its client: a virus or spam found for any tenant
+    outweighs the plain accept or reject."""
+    caught = {settled_by[t] for t, v in verdicts.items()
+              if v.action in (Action.REJECT, Action.QUARANTINE)}
+    if "antivirus" in caught:
+        return reputation.MailOutcome.VIRUS
+    if "antispam" in caught:
+        return reputation.MailOutcome.SPAM
+    return default

@@ -145,6 +145,21 @@ class Pipeline:
             raise PipelineConfigError("\n".join(problems))
         return cls(stages, observe)
 
+    async def session_closed(self, session: SessionInfo) -> None:
+        """The disconnect hook: every filter with `session_closed` hears of it once."""
+        seen: set[int] = set()
+        for filters in self.stages.values():
+            for filt in filters:
+                hook = getattr(filt, "session_closed", None)
+                if hook is None or id(filt) in seen:
+                    continue
+                seen.add(id(filt))
+                try:
+                    await hook(session)
+                except Exception:
+                    log.warning("session=%s %s.session_closed failed", session.session_id,
+                                filt.name, exc_info=True)
+
     def describe(self) -> str:
         lines = []
         for stage in Stage:

@@ -163,6 +163,7 @@ class GatewaySMTP(AioSMTP):
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
             if self.gw is not None:
+                await self.inbound.closed(self.gw)
                 log.info("session=%s disconnect after %.1fs, %d transaction(s)",
                          self.gw.session_id, time.monotonic() - self.gw.started,
                          self.gw.transactions)
@@ -198,7 +199,14 @@ class GatewaySMTP(AioSMTP):
             self.metrics.reject(None, "connect", "max_connections")
             await self.reply_and_close(replies.TOO_MANY_CONNECTIONS)
             return
-        await self.inbound.connect(self.gw)
+        refused = await self.inbound.connect(self.gw)
+        if refused is not None:
+            self.metrics.reject(None, "connect", "limits")
+            await self.reply_and_close(refused)
+            return
+        tarpit = self.inbound.tarpit(self.gw)
+        if tarpit:
+            await asyncio.sleep(tarpit)
         await self.push(f"220 {self.hostname} ESMTP mailedge")
         self._reset_timeout()
         while self.transport is not None and not self._closing:

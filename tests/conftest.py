@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.peers.fixtures import *  # noqa: F403 - dovecot, dovecot_factory, tmpfs
+from tests.peers.fixtures_clamd import *  # noqa: F403 - clamd, clamd_factory
 from tests.peers.fixtures_dns import *  # noqa: F403 - dns_server, dns_server_factory, resolver
 from tests.support.node import NodeHarness
 

@@ -22,19 +22,12 @@ from typing import Any
 
 import pytest
 
-from filters import REGISTRY
-from gateway.config import Settings
 from tests.peers.clamd import EICAR, TEST_VIRUS_MARKER, Clamd
 from tests.peers.fixtures_clamd import *  # noqa: F403 - clamd, clamd_factory
 from tests.support.node import NodeHarness
 from tests.support.smtp import RawSMTP, dot_stuff, message
 
 pytestmark = pytest.mark.integration
-
-# XXX remove once the node wires it: the filter in REGISTRY, [antivirus] in the config,
-# Services.clamav (a ClamdClient or None).
-if "antivirus" not in REGISTRY or "antivirus" not in Settings.__dataclass_fields__:
-    pytest.skip("antivirus is not wired into the node yet", allow_module_level=True)
 
 TENANTS = """
 [tenant.acme]
