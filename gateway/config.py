@@ -121,7 +121,7 @@ class DnsSettings:
 @dataclass(frozen=True, slots=True)
 class AntivirusSettings:
     clamd: str | None = None  # "unix:/run/clamav/clamd.ctl" or "host:port"; None: no scanning
-    timeout: float = 60.0
+    timeout: float = 30.0
     max_scan_size: int = 26_214_400  # match clamd's StreamMaxLength; larger: unscanned
 
 
@@ -339,6 +339,12 @@ def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _scanner_timeout(value: Any) -> str | None:
+    # Below the scanning filters' own 60 s, so a hung scanner is an ordinary scanner
+    # error (which fail-open tenants accept), not a pipeline timeout.
+    return None if 0 < value < 60 else "must be more than 0 and less than 60 seconds"
+
+
 def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Settings:
     known_tables = {"node", "inbound", "tenants", "storage", "queue", "outbound", "admin",
                     "pipeline", "dns", "antivirus", "antispam", "state", "dnsbl", "access",
@@ -507,7 +513,7 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
         clamd=reader.get(t, "antivirus.clamd", str, None,
                          lambda v: None if v.startswith("unix:/") or parse_host_port(v)
                          else "must be unix:/path or host:port") or None,
-        timeout=reader.get(t, "antivirus.timeout", float, av.timeout, _positive),
+        timeout=reader.get(t, "antivirus.timeout", float, av.timeout, _scanner_timeout),
         max_scan_size=reader.get(t, "antivirus.max_scan_size", int, av.max_scan_size,
                                  _positive))
     t = reader.table("antispam", {"rspamd_url", "timeout", "max_scan_size", "password"})
@@ -516,7 +522,7 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
         rspamd_url=reader.get(t, "antispam.rspamd_url", str, None,
                               lambda v: None if re.fullmatch(r"https?://\S+", v)
                               else "must be an http:// URL") or None,
-        timeout=reader.get(t, "antispam.timeout", float, sp.timeout, _positive),
+        timeout=reader.get(t, "antispam.timeout", float, sp.timeout, _scanner_timeout),
         max_scan_size=reader.get(t, "antispam.max_scan_size", int, sp.max_scan_size,
                                  _positive),
         password=reader.get(t, "antispam.password", str, None) or None)

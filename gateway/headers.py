@@ -172,3 +172,18 @@ def authentication_results(authserv_id: str, *, client_ip: str, spf: SpfResult |
 _SPF_WORDS = {"pass": "designates", "fail": "does not designate",
               "softfail": "does not designate", "neutral": "neither permits nor denies",
               "none": "has no SPF policy for"}
+
+
+def remove_fields(header: bytes, names: frozenset[bytes]) -> tuple[bytes, int]:
+    """Drop every field whose (lowercase) name is in `names`; return how many went.
+
+    For fields only we may write (our scan verdicts): a sender must not be able to
+    add an "X-Spam-Flag: NO" or "X-Mailedge-Virus-Scan: clean" of its own.
+    """
+    lowered = header.lower()
+    if not any(name in lowered for name in names):
+        return header, 0
+    kept = [f for f in split_fields(header)
+            if f.partition(b":")[0].strip().lower() not in names]
+    removed = len(split_fields(header)) - len(kept)
+    return b"".join(kept), removed

@@ -38,6 +38,7 @@ from gateway.config import Settings
 from gateway.headers import (
     authentication_results,
     received_header,
+    remove_fields,
     remove_forged_auth_results,
 )
 from gateway.metrics import Metrics
@@ -64,6 +65,9 @@ log = logging.getLogger(__name__)
 # the client: the addresses a blocked sender needs to ask why (RFC 5321 §4.5.1, RFC 2142).
 ALWAYS_REACHABLE = frozenset({"postmaster", "abuse"})
 MAX_ALIAS_DEPTH = 4
+# Header fields only our own checks write: whatever a sender put there is removed.
+OUR_FIELDS = frozenset({b"x-spam-flag", b"x-spam-score", b"x-spam-status", b"x-spam-level",
+                        b"x-mailedge-virus-scan"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,9 +290,10 @@ class Inbound:
         queue_id = self.ids.new()
         header_len = header_end(content)
         header, removed = remove_forged_auth_results(content[:header_len], self.hostname)
-        if removed:
-            log.info("session=%s removed %d forged Authentication-Results header(s)",
-                     session.session_id, removed)
+        header, spoofed = remove_fields(header, OUR_FIELDS)
+        if removed or spoofed:
+            log.info("session=%s removed %d forged Authentication-Results and %d scan "
+                     "header(s)", session.session_id, removed, spoofed)
         single = txn.recipients[0].address if len(txn.recipients) == 1 else None
         rdns = _done(session.results.facts.get("rdns"))
         trace = received_header(helo=session.helo, client_ip=session.client_ip,

@@ -258,3 +258,18 @@ async def test_alias_catch_all_and_forward(node_factory) -> None:  # type: ignor
     assert len(harness.maildir_messages("alice@example.test")) == 1
     assert len(harness.maildir_messages("bob@example.test")) == 1
     assert len(harness.maildir_messages("inbox@catch.example")) == 1
+
+
+async def test_senders_cannot_forge_our_scan_headers(node: NodeHarness) -> None:
+    original = message("forged verdicts", extra_headers=(
+        "X-Spam-Flag: NO\r\nX-Spam-Score: -100\r\nX-Mailedge-Virus-Scan: clean\r\n"
+        "X-Other: kept\r\n"))
+    client, _ = await RawSMTP.connect(node.port)
+    assert (await client.transaction("s@remote.example", ["alice@example.test"],
+                                     dot_stuff(original))).code == 250
+    await client.close()
+    await node.wait_empty()
+    [stored] = node.maildir_messages("alice@example.test")
+    assert b"X-Spam-Flag: NO" not in stored and b"X-Spam-Score: -100" not in stored
+    assert b"X-Mailedge-Virus-Scan: clean" not in stored
+    assert b"X-Other: kept" in stored and stored.endswith(b"\r\nHello.\r\n")
