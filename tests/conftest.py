@@ -11,6 +11,7 @@ import pytest
 from tests.peers.fixtures import *  # noqa: F403 - dovecot, dovecot_factory, tmpfs
 from tests.peers.fixtures_clamd import *  # noqa: F403 - clamd, clamd_factory
 from tests.peers.fixtures_dns import *  # noqa: F403 - dns_server, dns_server_factory, resolver
+from tests.peers.fixtures_redis import *  # noqa: F403 - redis_server, redis_server_factory, ...
 from tests.support.node import NodeHarness
 
 NodeFactory = Callable[..., Awaitable[NodeHarness]]
