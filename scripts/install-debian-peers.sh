@@ -25,9 +25,9 @@ PEERS=(
     "opendkim-tools:/usr/sbin/opendkim-genkey"  # third-party DKIM keys for the tests
     "libmail-dkim-perl:/usr/bin/dkimproxy-sign"  # third-party DKIM signer (Mail::DKIM)
     "rspamd:/usr/bin/rspamd"  # spam scanner (tests/peers/rspamd.py); ships rspamadm
-    # Later issues:
     "redis-server:/usr/bin/redis-server"  # shared state (tests/peers/redis.py)
     "clamav-daemon:/usr/sbin/clamd"  # antivirus scanner (tests/peers/clamd.py)
+    "openssl:/usr/bin/openssl"  # RSA keys too small for `cryptography` (RFC 8301 tests)
 )
 # Tools the build itself needs (`make test` on a bare machine).
 TOOLS=(
