@@ -57,7 +57,7 @@ from gateway.session import (
     header_end,
 )
 from gateway.spool import Envelope, QueueIdFactory, Spool, SpoolError, SpoolFull, SpoolRecipient
-from tenant_api_client import Recipient, TenantDirectory, Unavailable, Unknown
+from tenant_api_client import Recipient, Tenant, TenantDirectory, Unavailable, Unknown
 
 log = logging.getLogger(__name__)
 
@@ -303,14 +303,25 @@ class Inbound:
         message = trace + header + content[header_len:]
         message_view = MessageData(message, len(trace) + len(header))
 
+        # Decision groups: one per tenant, split further where mailboxes carry lists of
+        # their own (spam allow/block), so each group is decided by one policy.
         by_tenant: dict[str, list[AcceptedRecipient]] = defaultdict(list)
+        group_tenant: dict[str, str] = {}
+        group_lists: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         for recipient in txn.recipients:
-            by_tenant[recipient.tenant].append(recipient)
+            lists = (recipient.recipient.spam_allow_senders,
+                     recipient.recipient.spam_block_senders)
+            group = recipient.tenant if not any(lists) else \
+                f"{recipient.tenant}#{'|'.join(lists[0])}#{'|'.join(lists[1])}"
+            by_tenant[group].append(recipient)
+            group_tenant[group] = recipient.tenant
+            group_lists[group] = lists
         tenant_ids = list(by_tenant)
         verdicts_list = await asyncio.gather(*(
             self.pipeline.run(self._context(
                 Stage.MESSAGE, session, txn, recipients=by_tenant[t],
-                tenant=TenantViewImpl(txn.tenants[t]), message=message_view))
+                tenant=self._group_view(txn.tenants[group_tenant[t]], group_lists[t]),
+                message=message_view))
             for t in tenant_ids))
         verdicts = {t: r.verdict for t, r in zip(tenant_ids, verdicts_list, strict=True)}
         settled_by = {t: r.filter for t, r in zip(tenant_ids, verdicts_list, strict=True)}
@@ -327,7 +338,7 @@ class Inbound:
             default = (replies.DEFAULT_TEMPFAIL if combined.action is Action.TEMPFAIL
                        else replies.DEFAULT_MESSAGE_REJECT)
             for t in tenant_ids:
-                self.metrics.reject(t, "data", settled_by[t] or "policy")
+                self.metrics.reject(group_tenant[t], "data", settled_by[t] or "policy")
             log.info("session=%s data %s (%s by %s for tenant %s): %s", session.session_id,
                      combined.action.value, verdict.reason, settled_by[tenant], tenant,
                      verdict.reply or default)
@@ -343,7 +354,7 @@ class Inbound:
         for t in tenant_ids:
             verdict = verdicts[t]
             if verdict.action in (Action.REJECT, Action.QUARANTINE):
-                policy = txn.tenants[t].policy.rejected_copies
+                policy = txn.tenants[group_tenant[t]].policy.rejected_copies
                 if verdict.action is Action.REJECT and policy == "discard":
                     log.info("session=%s tenant %s copy discarded by policy (%s)",
                              session.session_id, t, verdict.reason)
@@ -367,9 +378,10 @@ class Inbound:
         try:
             await asyncio.gather(
                 *(self.spool.commit(env, data) for env, data in envelopes),
-                *(self.quarantine.store(t, self._envelope(
-                    f"{queue_id}-q", session, txn, by_tenant[t], message_view),
-                    message, f"{settled_by[t]}: {v.reason}") for t, v in quarantine))
+                *(self.quarantine.store(group_tenant[t], self._envelope(
+                    f"{queue_id}-q{i or ''}", session, txn, by_tenant[t], message_view),
+                    message, f"{settled_by[t]}: {v.reason}")
+                  for i, (t, v) in enumerate(quarantine)))
         except (SpoolError, OSError) as exc:
             # All or nothing: a copy that did get written must not be delivered, since
             # the client will send the whole message again after our 4xx.
@@ -385,7 +397,7 @@ class Inbound:
             for t in {r.tenant for r in env.recipients}:
                 self.metrics.accepted.labels(self.metrics.tenant(t)).inc()
         for t, verdict in quarantine:
-            self.metrics.quarantined.labels(self.metrics.tenant(t)).inc()
+            self.metrics.quarantined.labels(self.metrics.tenant(group_tenant[t])).inc()
             log.info("session=%s queue=%s-q tenant %s copy quarantined: %s",
                      session.session_id, queue_id, t, verdict.reason)
         await self._record(session, _outcome(verdicts, settled_by,
@@ -404,6 +416,17 @@ class Inbound:
         except Exception:
             log.warning("session=%s reputation not recorded", session.session_id,
                         exc_info=True)
+
+    @staticmethod
+    def _group_view(tenant: Tenant, lists: tuple[tuple[str, ...], tuple[str, ...]]
+                    ) -> TenantViewImpl:
+        allow, block = lists
+        if not allow and not block:
+            return TenantViewImpl(tenant)
+        policy = tenant.policy
+        return TenantViewImpl(tenant, {
+            "spam_allow_senders": (*policy.spam_allow_senders, *allow),
+            "spam_block_senders": (*policy.spam_block_senders, *block)})
 
     def _authentication_results(self, session: Session, txn: Transaction) -> bytes:
         """The A-R field from the authentication facts, b"" when no check ran."""

@@ -90,9 +90,11 @@ class Transaction:
 
 
 class TenantViewImpl:
-    def __init__(self, tenant: Tenant) -> None:
+    """A tenant as filters see it; `overrides` add a mailbox group's own settings."""
+
+    def __init__(self, tenant: Tenant, overrides: dict[str, Any] | None = None) -> None:
         self._tenant = tenant
-        self._policy = tenant.policy.as_mapping()
+        self._policy = {**tenant.policy.as_mapping(), **(overrides or {})}
 
     @property
     def id(self) -> str:

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TENANT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-MAILBOX_KEYS = {"storage", "disabled", "over_quota", "autoreply"}
+MAILBOX_KEYS = {"storage", "disabled", "over_quota", "autoreply", "spam_allow_senders",
+                "spam_block_senders"}
 TENANT_KEYS = {"name", "domains", "mailboxes", "mailbox", "policy", "alias", "forward",
                "domain", "account", "limits"}
 POLICY_KEYS = set(Policy.__struct_fields__)
@@ -366,9 +367,13 @@ class _TenantReader:
             if "autoreply" in options:
                 autoreply = self.convert(options["autoreply"], Autoreply, f"{key}.autoreply",
                                          (*scope, "autoreply"))
+            allow, block = (tuple(_list_of_str(options.get(name, []), f"{key}.{name}",
+                                               (*scope, name), problem))
+                            for name in ("spam_allow_senders", "spam_block_senders"))
             self.recipients[lookup] = Recipient(
                 address=lookup, tenant=tenant_id, storage=storage, disabled=flags["disabled"],
-                over_quota=flags["over_quota"], autoreply=autoreply)
+                over_quota=flags["over_quota"], autoreply=autoreply,
+                spam_allow_senders=allow, spam_block_senders=block)
 
     def redirects(self, tenant_id: str, kind: Literal["alias", "forward"], raw: Any,
                   tenant_domains: list[str]) -> None:

@@ -105,6 +105,10 @@ class Recipient(msgspec.Struct, frozen=True, kw_only=True):
     targets: tuple[str, ...] = ()
     keep_copy: bool = False  # forward: also deliver to this mailbox
     autoreply: Autoreply | None = None
+    # The mailbox's own spam allow/block lists (addresses or "@domain"), added to the
+    # tenant's for mail to this mailbox.
+    spam_allow_senders: tuple[str, ...] = ()
+    spam_block_senders: tuple[str, ...] = ()
 
 
 class Unknown(msgspec.Struct, frozen=True, kw_only=True):

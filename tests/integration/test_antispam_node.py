@@ -190,3 +190,30 @@ async def test_allow_list_needs_spf_pass(node_factory: NodeFactory, rspamd: Rspa
     [allowed] = harness.maildir_messages("alice@example.test")
     assert header(allowed, "X-Spam-Flag") == []
     assert header(allowed, "X-Spam-Status")[0].endswith("allowlisted")
+
+
+MAILBOX_LIST_TENANTS = """
+[tenant.acme]
+domains = ["example.test"]
+mailboxes = ["alice@example.test"]
+[tenant.acme.mailbox."bob@example.test"]
+spam_block_senders = ["@pushy.example"]
+[tenant.acme.policy]
+spam_tag_score = 100.0
+"""
+
+
+async def test_mailbox_block_list_applies_to_that_mailbox_only(node_factory: NodeFactory,
+                                                               rspamd: Rspamd) -> None:
+    harness = await start(node_factory, rspamd.url, tenants=MAILBOX_LIST_TENANTS)
+    sender = "sales@pushy.example"
+    # bob blocks the sender; alice does not: 250, alice's copy delivered, bob's held.
+    assert await send(harness, ["alice@example.test", "bob@example.test"],
+                      mail("offer", sender=sender), sender=sender) == (250, "2.0.0")
+    await harness.wait_empty()
+    assert len(harness.maildir_messages("alice@example.test")) == 1
+    assert harness.maildir_messages("bob@example.test") == []
+    assert harness.node is not None and len(harness.node.quarantine.ids("acme")) == 1
+    # bob alone: refused.
+    assert await send(harness, ["bob@example.test"], mail("offer 2", sender=sender),
+                      sender=sender) == (550, "5.7.1")
