@@ -40,7 +40,7 @@ from gateway.router import StorageRouter
 from gateway.session import header_end
 from gateway.smtp_handler import Listener
 from gateway.spool import Envelope, Failed, QueueIdFactory, Spool, SpoolFS, SpoolRecipient
-from gateway.state import make_store
+from gateway.state import FallbackStore, make_store
 from tenant_api_client import FileDirectory, TenantDirectory
 from tenant_api_client.cached import CachedTenantDirectory, CacheSettings
 from tenant_api_client.client import TenantApiClient, Timeouts
@@ -116,6 +116,8 @@ class Node:
         self.queue = Queue(self.spool, self.router, settings.queue, self.metrics,
                            on_failures=self._report_failures)
         self.state = make_store(settings.state.redis_url)
+        if isinstance(self.state, FallbackStore):
+            self.metrics.watch_state(self.state.snapshot)
         av, sp = settings.antivirus, settings.antispam
         self.clamav = ClamdClient(av.clamd, timeout=av.timeout, max_stream=av.max_scan_size) \
             if av.clamd else None

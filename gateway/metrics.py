@@ -105,6 +105,10 @@ class Metrics:
         """Export the tenant API cache's counters (hits, misses, stale serves, errors...)."""
         self.registry.register(_CacheCollector(snapshot, breaker_state))
 
+    def watch_state(self, snapshot: Callable[[], dict[str, int]]) -> None:
+        """Export the shared-state store's fallback counters (Redis outages)."""
+        self.registry.register(_StateCollector(snapshot))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -129,3 +133,24 @@ class _CacheCollector(Collector):
                                   "1 while the tenant API circuit breaker is open")
         state.add_metric([], 1.0 if self._breaker_state() == "open" else 0.0)
         yield state
+
+
+class _StateCollector(Collector):
+    """Reads the shared-state fallback counters at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, int]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._snapshot()
+        degraded = GaugeMetricFamily("mailedge_state_degraded",
+                                     "1 while Redis is unreachable and state is node-local")
+        degraded.add_metric([], float(values.get("degraded", 0)))
+        yield degraded
+        events = CounterMetricFamily("mailedge_state_events",
+                                     "Shared-state store events (Redis errors, local answers)",
+                                     labels=["event"])
+        for event, value in sorted(values.items()):
+            if event != "degraded":
+                events.add_metric([event], value)
+        yield events

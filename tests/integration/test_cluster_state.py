@@ -7,6 +7,7 @@ accepting mail on node-local state.
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 
 from tests.peers.redis import RedisServer
@@ -81,6 +82,11 @@ async def test_redis_down_both_nodes_keep_accepting(node_factory, redis_server) 
         assert await mail_through(node) == (250, "2.0.0")
     assert a.node is not None and b.node is not None
     assert a.node.state.degraded and b.node.state.degraded
+    async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{a.admin_port}/metrics") as response:
+        text = await response.text()
+    assert "mailedge_state_degraded 1.0" in text
+    assert 'mailedge_state_events_total{event="outages"} 1.0' in text
     await a.wait_empty()
     await b.wait_empty()
     assert len(a.maildir_messages("alice@example.test")) == 3
