@@ -539,11 +539,14 @@ class FileDirectory:
         self._checked = time.monotonic()
         self.events: list[Event] = []
 
-    def _stat(self) -> float:
+    def _stat(self) -> tuple[int, int, int]:
+        """What tells a changed file: nanosecond mtime, size and inode (an editor that
+        replaces the file, or two edits within one coarse timestamp, still show)."""
         try:
-            return self.path.stat().st_mtime
+            st = self.path.stat()
         except OSError:
-            return -1.0
+            return (-1, -1, -1)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _load(self) -> _Snapshot:
         try:
