@@ -683,6 +683,8 @@ def main() -> int:
             print(f"bench: {tool} not found (bench/run.sh installs it)", file=sys.stderr)
             return 2
 
+    # `timeout` or a kill sends SIGTERM: unwind so `finally` stops what we started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if pin:
         os.sched_setaffinity(0, {int(TOOL_CPU)})
     workdir = Path(tempfile.mkdtemp(prefix="mailedge-bench-"))
