@@ -16,11 +16,12 @@ first and a skip would hide a broken install.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
+
+from tests.peers.missing import missing_peer
 
 from .dovecot import DEFAULT_MAILBOXES, DEFAULT_OVER_QUOTA, DovecotLmtp, DovecotNotInstalled
 from .tmpfs import Tmpfs, mount_tmpfs
@@ -28,12 +29,6 @@ from .tmpfs import Tmpfs, mount_tmpfs
 __all__ = ["dovecot", "dovecot_factory", "tmpfs"]
 
 DovecotFactory = Callable[..., DovecotLmtp]
-
-
-def _missing_peer(exc: Exception) -> None:
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{exc} (CI is set, so a missing peer is an error)", pytrace=False)
-    pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -50,7 +45,7 @@ def dovecot_factory() -> Iterator[DovecotFactory]:
         try:
             instance.start()
         except DovecotNotInstalled as exc:
-            _missing_peer(exc)
+            missing_peer(exc)
         return instance
 
     try:

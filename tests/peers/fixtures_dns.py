@@ -22,13 +22,13 @@ and a skip would hide a broken install.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from filters.dns import AsyncResolver
+from tests.peers.missing import missing_peer
 
 from .dns import AuthoritativeDNS, DnsServerNotInstalled
 
@@ -38,12 +38,6 @@ DnsServerFactory = Callable[..., AuthoritativeDNS]
 
 #: Timeout of the ``resolver`` fixture: the most one query takes, attempts included.
 RESOLVER_TIMEOUT = 0.5
-
-
-def _missing_peer(exc: Exception) -> None:
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{exc} (CI is set, so a missing peer is an error)", pytrace=False)
-    pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -57,7 +51,7 @@ def dns_server_factory() -> Iterator[DnsServerFactory]:
         try:
             instance.start()
         except DnsServerNotInstalled as exc:
-            _missing_peer(exc)
+            missing_peer(exc)
         return instance
 
     try:

@@ -21,11 +21,12 @@ first and a skip would hide a broken install. Starting a server takes about 10 m
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from tests.peers.missing import missing_peer
 
 from .redis import RedisNotInstalled, RedisSentinel, RedisServer
 
@@ -33,12 +34,6 @@ __all__ = ["redis_cluster", "redis_sentinel_factory", "redis_server", "redis_ser
 
 RedisServerFactory = Callable[..., RedisServer]
 RedisSentinelFactory = Callable[..., RedisSentinel]
-
-
-def _missing_peer(exc: Exception) -> None:
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{exc} (CI is set, so a missing peer is an error)", pytrace=False)
-    pytest.skip(str(exc))
 
 
 def _close_all(instances: list[Any]) -> None:
@@ -63,7 +58,7 @@ def redis_server_factory() -> Iterator[RedisServerFactory]:
         try:
             instance.start()
         except RedisNotInstalled as exc:
-            _missing_peer(exc)
+            missing_peer(exc)
         return instance
 
     try:
@@ -89,7 +84,7 @@ def redis_sentinel_factory() -> Iterator[RedisSentinelFactory]:
         try:
             instance.start()
         except RedisNotInstalled as exc:
-            _missing_peer(exc)
+            missing_peer(exc)
         return instance
 
     try:
@@ -106,7 +101,7 @@ def redis_cluster() -> Iterator[RedisServer]:
         instance.start()
     except RedisNotInstalled as exc:
         instance.close()
-        _missing_peer(exc)
+        missing_peer(exc)
     try:
         yield instance
     finally:

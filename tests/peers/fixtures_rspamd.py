@@ -20,13 +20,13 @@ and a skip would hide a broken install.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from filters.rspamd import RspamdClient
+from tests.peers.missing import missing_peer
 
 from .rspamd import Rspamd, RspamdNotInstalled
 
@@ -39,18 +39,12 @@ CLIENT_TIMEOUT = 10.0
 CLIENT_MAX_SIZE = 10 * 1024 * 1024
 
 
-def _missing_peer(exc: Exception) -> None:
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{exc} (CI is set, so a missing peer is an error)", pytrace=False)
-    pytest.skip(str(exc))
-
-
 def _start(instance: Rspamd) -> Rspamd:
     try:
         instance.start()
     except RspamdNotInstalled as exc:
         instance.close()
-        _missing_peer(exc)
+        missing_peer(exc)
     return instance
 
 
