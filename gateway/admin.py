@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +45,11 @@ def entry_summary(entry: QueueEntry) -> dict[str, Any]:
             for i, r in enumerate(env.recipients)
         ],
     }
+
+
+def _clear_socket_path(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.unlink(missing_ok=True)  # left by a predecessor that was killed
 
 
 class AdminServer:
@@ -79,6 +85,14 @@ class AdminServer:
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         log.info("admin listening on %s:%d", host, port)
+
+    async def start_unix(self, path: Path) -> None:
+        """Answer on a UNIX socket only: a worker's private endpoint for its supervisor."""
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await asyncio.to_thread(_clear_socket_path, path)
+        site = web.UnixSite(self._runner, str(path))
+        await site.start()
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import msgspec
 
@@ -33,6 +36,7 @@ from gateway.lmtp_agent import LmtpAgent
 from gateway.maildir import MaildirAgent
 from gateway.metrics import Metrics
 from gateway.outbound import OutboundAgent
+from gateway.ownership import SlotOwnership
 from gateway.pipeline import Pipeline
 from gateway.quarantine import Quarantine
 from gateway.queue import Queue, QueueEntry
@@ -83,20 +87,40 @@ def build_directory(settings: Settings) -> TenantDirectory:
         breaker_failures=t.breaker_failures, breaker_reset=t.breaker_reset))
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes a node process one worker of several (gateway/workers.py starts them).
+
+    `listeners` are the SMTP sockets the supervisor bound for this worker with
+    SO_REUSEPORT (one per address), already listening; the worker accepts on them.
+    Its admin API answers on the UNIX socket `admin_socket`, which the supervisor
+    reads to serve the node's summed metrics and the queue of every worker.
+    """
+
+    index: int
+    count: int
+    listeners: tuple[socket.socket, ...]
+    admin_socket: Path
+
+
 class Node:
     def __init__(self, settings: Settings, *, spool_fs: SpoolFS | None = None,
-                 directory: TenantDirectory | None = None) -> None:
+                 directory: TenantDirectory | None = None,
+                 role: WorkerRole | None = None) -> None:
         self.settings = settings
+        self.role = role
         self.metrics = Metrics(settings.admin.tenant_label_limit)
         self.directory = directory or build_directory(settings)
         self.pipeline = build_pipeline(settings, self.metrics)
         if isinstance(self.directory, CachedTenantDirectory):
             cached = self.directory
             self.metrics.watch_cache(cached.stats.snapshot, lambda: str(cached.breaker.state))
-        self.spool = Spool(settings.node.spool_dir,
+        self.ownership = SlotOwnership(settings.node.spool_dir, role.index, role.count) \
+            if role is not None else SlotOwnership(settings.node.spool_dir)
+        self.spool = Spool(settings.node.spool_dir, owner=self.ownership,
                            fs=spool_fs or SpoolFS(fsync=settings.queue.fsync))
         self.quarantine = Quarantine(settings.node.spool_dir / "quarantine", self.spool.fs)
-        self.ids = QueueIdFactory(settings.node.name)
+        self.ids = QueueIdFactory(settings.node.name, slot=role.index if role else 0)
         storage = settings.storage
         self._lmtp_agents: dict[str, LmtpAgent] = {}
         self.maildir = MaildirAgent(storage.maildir, fsync=settings.queue.fsync) \
@@ -149,24 +173,38 @@ class Node:
         return agent
 
     async def start(self) -> None:
+        # Own our slots of the spool before reading it: a predecessor that is still
+        # dying lets go of them when the kernel reaps it.
+        # A worker waits for the kernel to reap a predecessor it replaces.
+        await asyncio.to_thread(self.ownership.acquire, 10.0 if self.role else 1.0)
         recovered = await self.queue.start()
         self.listener = Listener(self.inbound, self.settings.inbound, self.metrics,
                                  tls_context(self.settings))
         loop = asyncio.get_running_loop()
-        for address in self.settings.inbound.listen:
-            server = await loop.create_server(self.listener, address.host, address.port,
-                                              reuse_address=True, backlog=1024)
-            self.servers.append(server)
-            for sock in server.sockets:
+        if self.role is not None:
+            for sock in self.role.listeners:
+                server = await loop.create_server(self.listener, sock=sock, backlog=1024)
+                self.servers.append(server)
                 self.ports.append(sock.getsockname()[1])
-            log.info("smtp listening on %s (port %d)", address, self.ports[-1])
-        admin = self.settings.admin.listen
-        if admin is not None:
-            await self.admin.start(admin.host, admin.port)
-            self.admin_port = admin.port
-        self._purger = asyncio.create_task(self._purge_quarantine(), name="quarantine-purge")
-        log.info("node %s ready: pid %d, %d message(s) recovered from the spool",
-                 self.settings.node.name, os.getpid(), recovered)
+            await self.admin.start_unix(self.role.admin_socket)
+        else:
+            for address in self.settings.inbound.listen:
+                server = await loop.create_server(self.listener, address.host, address.port,
+                                                  reuse_address=True, backlog=1024)
+                self.servers.append(server)
+                for sock in server.sockets:
+                    self.ports.append(sock.getsockname()[1])
+                log.info("smtp listening on %s (port %d)", address, self.ports[-1])
+            admin = self.settings.admin.listen
+            if admin is not None:
+                await self.admin.start(admin.host, admin.port)
+                self.admin_port = admin.port
+        if self.role is None or self.role.index == 0:  # one purger per spool
+            self._purger = asyncio.create_task(self._purge_quarantine(),
+                                               name="quarantine-purge")
+        what = f"worker {self.role.index} of {self.role.count}" if self.role else "node"
+        log.info("%s %s ready: pid %d, %d message(s) recovered from the spool",
+                 what, self.settings.node.name, os.getpid(), recovered)
 
     async def stop(self) -> None:
         if self._purger is not None:
@@ -189,6 +227,7 @@ class Node:
         if self.rspamd is not None:
             await self.rspamd.aclose()
         self.spool.close()
+        self.ownership.release()
 
     def ready(self) -> tuple[bool, str]:
         if not self.servers:

@@ -1,6 +1,6 @@
 """The `mailedge` command: run a node, check a configuration, inspect the pipeline and queue.
 
-    mailedge run            --config PATH
+    mailedge run            --config PATH [--workers N]
     mailedge check-config   --config PATH
     mailedge print-pipeline --config PATH [--tenant T]
     mailedge queue list|show ID|retry ID|delete ID --config PATH
@@ -19,29 +19,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.config import ConfigError, Settings, load_config
+from gateway.config import MAX_WORKERS, ConfigError, Settings, load_config
 from gateway.pipeline import PipelineConfigError
 from tenant_api_client import InvalidData
 from tenant_api_client.filedir import FileDirectory
+
+if TYPE_CHECKING:
+    from gateway.app import WorkerRole
 
 DEFAULT_CONFIG = "config/mailedge.toml"
 log = logging.getLogger("mailedge")
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, process: str = "") -> None:
+    """Log to stderr; `process` ("w1", "main") tells a node's processes apart."""
+    tag = f"[{process}] " if process else ""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
         stream=sys.stderr,
     )
     # aiosmtpd logs every connection at INFO under "mail.log"; ours say the same with ids.
@@ -119,38 +127,90 @@ def print_pipeline(path: str, tenant: str | None) -> int:
     return 0
 
 
-async def _run_node(settings: Settings) -> None:
+async def _run_node(settings: Settings, role: WorkerRole | None = None,
+                    parent_fd: int | None = None) -> None:
     from gateway.app import Node
 
-    node = Node(settings)
-    await node.start()
+    node = Node(settings, role=role)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if parent_fd is not None:
+        # EOF on the supervisor's pipe: it is gone, so stop rather than linger unsupervised.
+        def parent_gone() -> None:
+            if not os.read(parent_fd, 1):
+                log.error("supervisor gone; stopping")
+                loop.remove_reader(parent_fd)
+                stop.set()
+        loop.add_reader(parent_fd, parent_gone)
+    await node.start()
     await stop.wait()
     log.info("shutting down")
     await node.stop()
 
 
-def run(path: str) -> int:
-    settings = _load(path)
-    _setup_logging(settings.node.log_level)
+def _event_loop_runner() -> Any:
     try:
         import uvloop
 
-        runner: Any = uvloop.run
+        return uvloop.run
     except ImportError:
-        runner = asyncio.run
+        return asyncio.run
+
+
+def run(path: str, workers: int | None = None) -> int:
+    settings = _load(path)
+    from gateway.workers import Supervisor, default_worker_count
+
+    count = workers if workers is not None else default_worker_count(settings)
+    if not 1 <= count <= MAX_WORKERS:
+        print(f"mailedge: --workers must be 1 to {MAX_WORKERS}", file=sys.stderr)
+        return 2
+    if count > 1:
+        _setup_logging(settings.node.log_level, "main")
+        if not settings.state.redis_url:
+            log.warning("%d workers without [state] redis_url: connection limits, "
+                        "greylisting and reputation are counted per worker", count)
+        try:
+            return int(_event_loop_runner()(Supervisor(Path(path), settings, count).run()))
+        except OSError as exc:
+            print(f"mailedge: cannot start: {exc}", file=sys.stderr)
+            return 1
+    _setup_logging(settings.node.log_level)
+    return _serve(settings)
+
+
+def run_worker(path: str, index: int, count: int, fds: str, admin_socket: str,
+               parent_fd: int) -> int:
+    """One worker of `mailedge run --workers N` (started by gateway/workers.py)."""
+    from gateway.app import WorkerRole
+
+    settings = _load(path)
+    _setup_logging(settings.node.log_level, f"w{index}")
+    inbound = dataclasses.replace(settings.inbound,
+                                  max_connections=-(-settings.inbound.max_connections // count))
+    settings = dataclasses.replace(settings, inbound=inbound)
+    listeners = tuple(socket.socket(fileno=int(fd)) for fd in fds.split(",") if fd)
+    role = WorkerRole(index=index, count=count, listeners=listeners,
+                      admin_socket=Path(admin_socket))
+    return _serve(settings, role, parent_fd)
+
+
+def _serve(settings: Settings, role: WorkerRole | None = None,
+           parent_fd: int | None = None) -> int:
+    from gateway.ownership import SpoolBusy
+
+    runner = _event_loop_runner()
     try:
-        runner(_run_node(settings))
+        runner(_run_node(settings, role, parent_fd))
     except InvalidData as exc:
         print(exc.render(str(settings.tenants.file)), file=sys.stderr)
         return 2
     except PipelineConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, SpoolBusy) as exc:
         print(f"mailedge: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -355,7 +415,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", default=DEFAULT_CONFIG, help="path to mailedge.toml")
         return p
 
-    with_config(commands.add_parser("run", help="run a node"))
+    rp = with_config(commands.add_parser("run", help="run a node"))
+    rp.add_argument("--workers", type=int, default=None,
+                    help="worker processes (default: [node] workers; 0 there means one per "
+                         "core with Redis state, else 1)")
+    wp = with_config(commands.add_parser("worker", help=argparse.SUPPRESS))
+    wp.add_argument("--index", type=int, required=True)
+    wp.add_argument("--count", type=int, required=True)
+    wp.add_argument("--fds", required=True)
+    wp.add_argument("--admin-socket", required=True)
+    wp.add_argument("--parent-fd", type=int, required=True)
     with_config(commands.add_parser("check-config", help="validate config and tenants"))
     pp = with_config(commands.add_parser("print-pipeline", help="show the filter order"))
     pp.add_argument("--tenant")
@@ -380,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        return run(args.config)
+        return run(args.config, args.workers)
+    if args.command == "worker":
+        return run_worker(args.config, args.index, args.count, args.fds, args.admin_socket,
+                          args.parent_fd)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "print-pipeline":

@@ -72,6 +72,9 @@ class NodeSettings:
     name: str = "mailedge"
     spool_dir: Path = Path("var/spool")
     log_level: str = "info"
+    # Worker processes; 0 means automatic: one per core when [state] redis_url is set
+    # (limits, greylisting and reputation then agree across workers), else one.
+    workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +338,9 @@ def parse_host_port(value: str) -> HostPort | None:
     return HostPort(host, port)
 
 
+MAX_WORKERS = 64  # the spool's ownership slots (gateway/ownership.py)
+
+
 def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
@@ -353,7 +359,7 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
         if key not in known_tables:
             reader.problem(key, "unknown table")
 
-    t = reader.table("node", {"name", "spool_dir", "log_level"})
+    t = reader.table("node", {"name", "spool_dir", "log_level", "workers"})
     node_defaults = NodeSettings()
     node = NodeSettings(
         name=reader.get(t, "node.name", str, node_defaults.name,
@@ -363,6 +369,9 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
         log_level=reader.get(t, "node.log_level", str, "info",
                              lambda v: None if v in {"debug", "info", "warning", "error"}
                              else "must be debug, info, warning or error"),
+        workers=reader.get(t, "node.workers", int, node_defaults.workers,
+                           lambda v: None if 0 <= v <= MAX_WORKERS
+                           else f"must be 0 (automatic) to {MAX_WORKERS}"),
     )
 
     t = reader.table("inbound", {

@@ -45,6 +45,8 @@ from typing import TypeVar
 
 import msgspec
 
+from gateway.ownership import SlotOwnership
+
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
@@ -184,13 +186,16 @@ class SpoolFS:
 
 
 class QueueIdFactory:
-    """Queue ids unique across the cluster: time, process, counter, node name.
+    """Queue ids unique across the cluster: time, process, counter, worker slot, node.
 
-    Example: `0633A6E2F1C40-1F2A-0001B.mx1`. Sorting ids sorts by arrival time.
+    Example: `0633A6E2F1C40-1F2A-0001B.mx1`, or `0633A6E2F1C40-1F2A-0001B-w1.mx1` from
+    worker slot 1 (gateway/ownership.py: the slot says which worker owns the message).
+    Sorting ids sorts by arrival time.
     """
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, slot: int = 0) -> None:
         self.node = node
+        self._suffix = f"-w{slot}" if slot else ""
         self._counter = secrets.randbelow(0xFFFFF)
         self._lock = threading.Lock()
 
@@ -199,15 +204,20 @@ class QueueIdFactory:
             self._counter = (self._counter + 1) & 0xFFFFF
             counter = self._counter
         micros = time.time_ns() // 1000
-        return f"{micros:013X}-{os.getpid() & 0xFFFF:04X}-{counter:05X}.{self.node}"
+        return (f"{micros:013X}-{os.getpid() & 0xFFFF:04X}-{counter:05X}{self._suffix}"
+                f".{self.node}")
 
 
 class Spool:
     """The node's spool directory; see the module docstring for the protocol."""
 
-    def __init__(self, root: Path, *, fs: SpoolFS | None = None, threads: int = 32) -> None:
+    def __init__(self, root: Path, *, fs: SpoolFS | None = None, threads: int = 32,
+                 owner: SlotOwnership | None = None) -> None:
         self.root = root
         self.fs = fs or SpoolFS()
+        # With several workers on this spool, recovery and clean-up touch only the
+        # messages this process owns; None (tools, tests) sees every message.
+        self.owner = owner
         self.tmp_dir = root / "tmp"
         self.queue_dir = root / "queue"
         self.corrupt_dir = root / "corrupt"
@@ -313,19 +323,21 @@ class Spool:
         return records
 
     def queued_ids(self, *, clean: bool = True) -> Iterator[str]:
-        """Every committed message, oldest first.
+        """Every committed message this process owns (all without an owner), oldest first.
 
-        With `clean` (the node's recovery at start-up, when nothing else writes to the
-        spool) leftovers in tmp/ and state files without a message are removed; an
-        inspection that may run beside a live node passes clean=False.
+        With `clean` (the node's recovery at start-up, when nothing else writes the
+        owned slots) leftovers in tmp/ and state files without a message are removed;
+        an inspection that may run beside a live node passes clean=False.
         """
+        owns = self.owner.owns if self.owner is not None else (lambda _id: True)
         names = sorted(p.name for p in self.queue_dir.iterdir())
-        msg_ids = {n[:-4] for n in names if n.endswith(".msg")}
+        msg_ids = {n[:-4] for n in names if n.endswith(".msg") and owns(n[:-4])}
         if clean:
             for leftover in self.tmp_dir.iterdir():
-                self.fs.unlink(leftover)
+                if owns(leftover.name):
+                    self.fs.unlink(leftover)
             for name in names:
-                if name.endswith(".state") and name[:-6] not in msg_ids:
+                if name.endswith(".state") and owns(name[:-6]) and name[:-6] not in msg_ids:
                     self.fs.unlink(self.queue_dir / name)  # its message was already removed
         yield from sorted(msg_ids)
 
