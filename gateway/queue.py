@@ -284,14 +284,18 @@ class Queue:
         next_at = now + self.backoff(attempts) if temporary else 0.0
         records.append(Attempt(at=now, next_at=next_at, count=attempts,
                                last_error=temporary[0][:300] if temporary else ""))
-        try:
-            await self.spool.append_state(entry.id, *records)
-        except OSError as exc:
-            # Without the record a restart would retry finished recipients; keep going
-            # in memory and let the next attempt try to write again.
-            log.error("queue: %s state not written (%s)", entry.id, exc)
         for record in records:
             entry.apply(record)
+        # A message delivered to every recipient is finished by removing it, so a
+        # synced record saying so first would only cost a file and an fsync: a crash
+        # before the removal redelivers it either way (the LMTP window).
+        if entry.pending() or entry.failed:
+            try:
+                await self.spool.append_state(entry.id, *records)
+            except OSError as exc:
+                # Without the record a restart would retry finished recipients; keep
+                # going in memory and let the next attempt try to write again.
+                log.error("queue: %s state not written (%s)", entry.id, exc)
         if entry.pending():
             self._schedule(entry, next_at)
         else:

@@ -22,8 +22,9 @@ import pytest
 
 from gateway.spool import SpoolFS
 from tests.peers.dovecot import DovecotLmtp
+from tests.peers.ports import free_port
 from tests.peers.tmpfs import Tmpfs
-from tests.support.node import DEFAULT_TENANTS, NodeHarness, render_config
+from tests.support.node import DEFAULT_TENANTS, NodeHarness, render_config, wait_for
 from tests.support.smtp import RawSMTP, dot_stuff, message
 
 pytestmark = pytest.mark.integration
@@ -89,6 +90,45 @@ async def test_every_250_follows_its_syncs(node_factory) -> None:  # type: ignor
         assert covering, f"{queue_id}: 250 without a directory sync after its rename"
     # Group commit: 40 messages from 8 concurrent clients shared directory syncs.
     assert len(dir_syncs) < 40
+
+
+class CountingFS(SpoolFS):
+    """The real file operations; counts the synced state-log appends per message."""
+
+    def __init__(self) -> None:
+        super().__init__(fsync=True)
+        self.appends: list[str] = []
+
+    def append_synced(self, path: Path, data: bytes) -> None:
+        super().append_synced(path, data)
+        self.appends.append(path.name)
+
+
+async def test_state_log_only_for_unfinished_messages(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """A message delivered to all its recipients is finished by removing it: no synced
+    state record first. One that must wait (or bounce) gets its record."""
+    fs = CountingFS()
+    harness: NodeHarness = await node_factory(spool_fs=fs)
+    client, _ = await RawSMTP.connect(harness.port)
+    done = await client.transaction("s@remote.example", ["alice@example.test"],
+                                    dot_stuff(message("whole")))
+    assert done.code == 250
+    await harness.wait_empty()
+    assert fs.appends == []
+    assert harness.maildir_messages("alice@example.test")
+    await client.close()
+    # Storage down: the deferred message gets its synced attempt record.
+    fs_down = CountingFS()
+    down: NodeHarness = await node_factory(
+        "down", spool_fs=fs_down,
+        overrides={"storage": {"lmtp": f"127.0.0.1:{free_port()}", "maildir": None}})
+    client, _ = await RawSMTP.connect(down.port)
+    deferred = await client.transaction("s@remote.example", ["alice@example.test"],
+                                        dot_stuff(message("later")))
+    await client.close()
+    assert deferred.code == 250
+    queue_id = deferred.text.rsplit(" ", 1)[-1]
+    await wait_for(lambda: f"{queue_id}.state" in fs_down.appends)
 
 
 async def test_spool_disk_full(node_factory, tmpfs: Tmpfs) -> None:  # type: ignore[no-untyped-def]
