@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -262,6 +263,27 @@ def _print_queue(action: str, result: Any) -> None:
         print(json.dumps(result, indent=2))
 
 
+@contextlib.contextmanager
+def _node_stopped(settings: Settings) -> Iterator[None]:
+    """Hold every spool slot while changing the spool offline, so no node is running.
+
+    Reaching here means the admin endpoint did not answer; a node that runs anyway
+    (no [admin] listen, or a firewall) must not have its spool changed under it.
+    """
+    from gateway.ownership import SlotOwnership, SpoolBusy
+
+    ownership = SlotOwnership(settings.node.spool_dir)
+    try:
+        ownership.acquire(0.0)
+    except SpoolBusy:
+        raise SystemExit("mailedge: a node is running on this spool, but its admin "
+                         "endpoint ([admin] listen) does not answer; nothing changed") from None
+    try:
+        yield
+    finally:
+        ownership.release()
+
+
 def _queue_offline(settings: Settings, action: str, queue_id: str | None) -> int:
     """The node is not running: work on the spool files directly."""
     from gateway.admin import entry_summary
@@ -281,7 +303,8 @@ def _queue_offline(settings: Settings, action: str, queue_id: str | None) -> int
                 print(f"no message {qid} in the queue", file=sys.stderr)
                 return 1
             if action == "delete":
-                spool.remove_sync(qid)
+                with _node_stopped(settings):
+                    spool.remove_sync(qid)
                 print(json.dumps({"id": qid, "deleted": True}))
                 return 0
             envelope, _ = spool.load_sync(qid)
@@ -348,21 +371,24 @@ def _quarantine_offline(settings: Settings, action: str, tenant: str | None,
             _print_quarantine("show", quarantine.entry(tenant, entry_id).summary())
         elif action == "delete":
             assert tenant and entry_id
-            quarantine.delete(tenant, entry_id)
+            with _node_stopped(settings):
+                quarantine.delete(tenant, entry_id)
             print(json.dumps({"deleted": True}))
         else:
             assert tenant and entry_id
             import msgspec
 
-            envelope, message = quarantine.take(tenant, entry_id)
-            spool = Spool(settings.node.spool_dir, threads=1)
-            released = msgspec.structs.replace(
-                envelope, id=QueueIdFactory(settings.node.name).new(), received=time.time())
-            try:
-                asyncio.run(spool.commit(released, message))
-            finally:
-                spool.close()
-            quarantine.delete(tenant, entry_id)
+            with _node_stopped(settings):
+                envelope, message = quarantine.take(tenant, entry_id)
+                spool = Spool(settings.node.spool_dir, threads=1)
+                released = msgspec.structs.replace(
+                    envelope, id=QueueIdFactory(settings.node.name).new(),
+                    received=time.time())
+                try:
+                    asyncio.run(spool.commit(released, message))
+                finally:
+                    spool.close()
+                quarantine.delete(tenant, entry_id)
             print(json.dumps({"released": True, "queue_id": released.id,
                               "note": "node not running: delivered when it starts"}))
     except NotQuarantined:

@@ -131,6 +131,27 @@ async def test_queue_commands_with_node_stopped(node_factory,  # type: ignore[no
     assert not any((harness.root / "spool" / "queue").iterdir())
 
 
+async def test_offline_changes_refused_while_a_node_runs(node_factory,  # type: ignore[no-untyped-def]
+                                                          dovecot: DovecotLmtp) -> None:
+    """No admin endpoint to ask, but the node runs: the spool is not changed under it."""
+    harness: NodeHarness = await node_factory(overrides={
+        "storage": {"lmtp": f"127.0.0.1:{dovecot.port}", "maildir": None},
+        "admin": {"listen": ""}})  # "" switches the admin endpoint off
+    dovecot.stop()
+    client, _ = await RawSMTP.connect(harness.port)
+    reply = await client.transaction("s@remote.example", ["bob@example.test"],
+                                     dot_stuff(message("kept")))
+    queue_id = reply.text.rsplit(" ", 1)[-1]
+    await client.close()
+    config = str(harness.root / "mailedge.toml")
+    deleted = await amailedge("queue", "delete", queue_id, "--config", config)
+    assert deleted.returncode != 0
+    assert "a node is running on this spool" in deleted.stderr
+    assert (harness.root / "spool" / "queue" / f"{queue_id}.msg").exists()
+    listed = await amailedge("queue", "list", "--config", config)  # reading is harmless
+    assert queue_id in listed.stdout
+
+
 async def test_health_ready_and_per_tenant_metrics(node_factory) -> None:  # type: ignore[no-untyped-def]
     harness: NodeHarness = await node_factory(overrides={"admin": {"tenant_label_limit": 1}})
     client, _ = await RawSMTP.connect(harness.port)
