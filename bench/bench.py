@@ -877,6 +877,7 @@ def chain_part(workdir: Path, sink: LmtpSink, opts: Options, recipients: Path,
     base.mkdir()
     peers = ChainPeers(base, rspamd_workers=1 if opts.pin else opts.cores)
     started: list[Server] = []
+    profiler: subprocess.Popen[bytes] | None = None
     try:
         peers.start()
         assert peers.clamd is not None and peers.rspamd is not None
@@ -899,6 +900,8 @@ def chain_part(workdir: Path, sink: LmtpSink, opts: Options, recipients: Path,
                     ("antispam", "rspamd_url"): json.dumps(peers.rspamd.url)})
         started.append(mailedge)
         servers: list[Server] = [postfix, mailedge]
+        if opts.py_spy is not None:
+            profiler = start_py_spy(mailedge.root_pid, opts.py_spy, opts.pin)
         warmup = ChainCase(1024, 10, True, 100)
         for server in servers:
             r = chain_run(server, sink, peers, warmup, messages[1024], 0, opts.pin,
@@ -922,6 +925,8 @@ def chain_part(workdir: Path, sink: LmtpSink, opts: Options, recipients: Path,
                           f"{r.peak_pss_mb:5.0f} MB load {r.loadavg} "
                           f"{'ok' if r.ok else 'FAILED ' + r.note}", flush=True)
     finally:
+        if profiler is not None:
+            stop_py_spy(profiler)
         for server in reversed(started):
             server.stop()
         peers.stop()
@@ -1112,9 +1117,18 @@ def dkim_part(iterations: int) -> list[dict[str, object]]:
 
 def start_py_spy(pid: int, out: Path, pin: bool) -> subprocess.Popen[bytes]:
     argv = [str(REPO / ".venv/bin/py-spy"), "record", "--pid", str(pid), "--rate", "200",
-            "--format", "raw", "--output", str(out), "--nonblocking", "--gil"]
+            "--format", "raw", "--output", str(out), "--nonblocking", "--gil",
+            "--subprocesses"]  # the workers of `mailedge run --workers N`
     return subprocess.Popen(pinned(TOOL_CPU, argv, pin), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+
+
+def stop_py_spy(profiler: subprocess.Popen[bytes]) -> None:
+    profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        profiler.wait(30)
+    except subprocess.TimeoutExpired:
+        stop_pid(profiler)
 
 
 def _frame_name(frame: str) -> str:
@@ -1163,9 +1177,9 @@ def spread(values: list[float]) -> str:
 
 
 def report(cases: list[Case], results: list[RunResult]) -> Iterator[str]:
-    yield ("| case | system | runs | messages | seconds (median) | msg/s (median) "
-           "| CPU ms/msg (median) | peak PSS MB | checks |")
-    yield "|---|---|---|---|---|---|---|---|---|"
+    yield ("| case | system | runs | messages | recipients at the sink | seconds (median) "
+           "| msg/s (median) | CPU ms/msg (median) | peak PSS MB | checks |")
+    yield "|---|---|---|---|---|---|---|---|---|---|"
     ratios: dict[str, list[float]] = {}
     for case in cases:
         for system in ("postfix", "mailedge"):
@@ -1174,6 +1188,7 @@ def report(cases: list[Case], results: list[RunResult]) -> Iterator[str]:
                 continue
             ok = sum(r.ok for r in runs)
             yield (f"| {case.label} | {system} | {len(runs)} | {runs[0].messages} "
+                   f"| {runs[0].recipients} "
                    f"| {statistics.median(r.seconds for r in runs):.2f} "
                    f"| {statistics.median(r.rate for r in runs):.0f} "
                    f"| {statistics.median(r.cpu_ms_per_msg for r in runs):.2f} "
@@ -1322,6 +1337,12 @@ class Options:
     idle_sessions: int
     idle_sources: int
     postfix_idle_sessions: int
+    py_spy: Path | None = None  # where the chain part records mailedge, if asked
+
+
+def chain_profile(path: Path) -> Path:
+    """Where --py-spy FILE records the chain part: FILE with ".chain" before its suffix."""
+    return path.with_name(f"{path.stem}.chain{path.suffix}")
 
 
 def raise_nofile(needed: int) -> None:
@@ -1373,8 +1394,10 @@ def main() -> int:
     parser.add_argument("--log-level", default="info", help="mailedge's [node] log_level")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--py-spy", type=Path, dest="py_spy",
-                        help="record mailedge with py-spy (collapsed stacks) into this file "
-                             "during the relay part and print where its CPU goes")
+                        help="record mailedge with py-spy (collapsed stacks, workers "
+                             "included) into this file during the relay part, and into "
+                             "FILE.chain during the chain part, and print where its CPU "
+                             "goes")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = parser.parse_args()
 
@@ -1393,7 +1416,8 @@ def main() -> int:
                    log_level=args.log_level, idle_sessions=args.idle_sessions,
                    idle_sources=args.idle_sources,
                    postfix_idle_sessions=args.postfix_idle_sessions
-                   or (1000 if args.full else 300))
+                   or (1000 if args.full else 300),
+                   py_spy=chain_profile(args.py_spy) if args.py_spy else None)
     cases = full_cases(args.scale) if args.full else short_cases(args.scale)
     if "relay" not in parts:
         cases = []
@@ -1408,6 +1432,13 @@ def main() -> int:
     # `timeout` or a kill sends SIGTERM: unwind so `finally` stops what we started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     raise_nofile(max(65536, opts.idle_sessions + opts.postfix_idle_sessions + 10000))
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if "idle" in parts and nofile < opts.idle_sessions + 1000:
+        # The client holds one descriptor per session, and so does one mailedge worker
+        # at worst (SO_REUSEPORT spreads them, but not evenly).
+        print(f"bench: RLIMIT_NOFILE is {nofile}: idle sessions limited to "
+              f"{nofile - 1000} instead of {opts.idle_sessions}", file=sys.stderr)
+        opts.idle_sessions = max(100, nofile - 1000)
     if pin:
         os.sched_setaffinity(0, {int(TOOL_CPU)})  # inherited by the peers we start
     workdir = Path(tempfile.mkdtemp(prefix="mailedge-bench-"))
@@ -1475,11 +1506,7 @@ def main() -> int:
                           f"max {lat['max_ms']:.1f} ms ({lat['messages']} msgs, "
                           f"ok={lat['ok']})", flush=True)
             if profiler is not None:
-                profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-                try:
-                    profiler.wait(30)
-                except subprocess.TimeoutExpired:
-                    stop_pid(profiler)
+                stop_py_spy(profiler)
                 profiler = None
             for server in reversed(started):
                 server.stop()
@@ -1490,11 +1517,7 @@ def main() -> int:
             idle_rows = idle_part(workdir, sink, opts, recipients, tenants)
     finally:
         if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            try:
-                profiler.wait(30)
-            except subprocess.TimeoutExpired:
-                stop_pid(profiler)
+            stop_py_spy(profiler)
         for server in reversed(started):
             server.stop()
         sink.stop()
@@ -1527,10 +1550,11 @@ def main() -> int:
         for line in idle_report(idle_rows):
             print(line)
     print(f"\nloadavg at end: {loadavg()}")
-    if args.py_spy and args.py_spy.exists():
-        print()
-        for line in profile_summary(args.py_spy):
-            print(line)
+    for part, path in (("relay", args.py_spy), ("chain", opts.py_spy)):
+        if path is not None and path.exists():
+            print(f"\n### Where mailedge's CPU goes ({part} part, py-spy)\n")
+            for line in profile_summary(path):
+                print(line)
     if args.json:
         args.json.write_text(json.dumps({
             "options": dataclasses.asdict(opts),
