@@ -1396,8 +1396,8 @@ def main() -> int:
     parser.add_argument("--py-spy", type=Path, dest="py_spy",
                         help="record mailedge with py-spy (collapsed stacks, workers "
                              "included) into this file during the relay part, and into "
-                             "FILE.chain during the chain part, and print where its CPU "
-                             "goes")
+                             "the same name with .chain before its suffix during the chain "
+                             "part, and print where its CPU goes")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = parser.parse_args()
 
