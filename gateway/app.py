@@ -25,6 +25,7 @@ import msgspec
 
 from filters import REGISTRY
 from filters.clamav import ClamdClient
+from filters.dmarc import default_org_domain
 from filters.dns import AsyncResolver
 from filters.rspamd import RspamdClient
 from gateway.admin import AdminServer
@@ -177,6 +178,9 @@ class Node:
         # dying lets go of them when the kernel reaps it.
         # A worker waits for the kernel to reap a predecessor it replaces.
         await asyncio.to_thread(self.ownership.acquire, 10.0 if self.role else 1.0)
+        if any(f.name == "dmarc" for stage in self.pipeline.stages.values() for f in stage):
+            # Parse the public suffix list now, not inside the first message's DMARC check.
+            await asyncio.to_thread(default_org_domain)
         recovered = await self.queue.start()
         self.listener = Listener(self.inbound, self.settings.inbound, self.metrics,
                                  tls_context(self.settings))
