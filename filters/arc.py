@@ -177,16 +177,20 @@ def _validate(verifier: Any, keys: Mapping[str, KeyLookup], instances: int,
     return ArcResult("fail", instances, sealers, reason=reason, temporary=temporary, sets=sets)
 
 
+_HEADER_END = re.compile(rb"\n\r?\n")
+_ARC_FIELD = re.compile(rb"(?im)^arc-(seal|message-signature|authentication-results)\s*:")
+
+
 async def verify_arc(message: bytes, resolver: Resolver) -> ArcResult:
     """Validate the ARC chain of `message`; never raises (only cancellation propagates)."""
+    header_block = _HEADER_END.split(message, maxsplit=1)[0]
+    if not _ARC_FIELD.search(header_block):
+        # Most mail has no ARC set: answer without dkimpy parsing the whole message.
+        return ArcResult("none", reason="no ARC fields")
     try:
         headers, body = dkim.rfc822_parse(message)
     except Exception as exc:
-        header_block = re.split(rb"\n\r?\n", message, maxsplit=1)[0]
-        if re.search(rb"(?im)^arc-(seal|message-signature|authentication-results)\s*:",
-                     header_block):
-            return ArcResult("fail", reason=f"message header unparsable: {exc}"[:200])
-        return ArcResult("none", reason="no ARC fields")
+        return ArcResult("fail", reason=f"message header unparsable: {exc}"[:200])
     verifier = dkim.ARC(None, logger=_DKIMPY_LOG)
     verifier.headers, verifier.body = headers, body
     try:

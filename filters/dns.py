@@ -85,6 +85,7 @@ Life of a cache entry per (name, type)::
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import math
 import re
@@ -469,8 +470,13 @@ class AsyncResolver:
         return max(0, min(*ttls, self._max_negative_ttl))
 
 
+@functools.lru_cache(maxsize=8192)  # the same names recur; dnspython's parse is not cheap
 def _normalise_name(name: str) -> tuple[str, dns.name.Name]:
-    """(lowercase text without the final dot, absolute dnspython name), or DnsNameError."""
+    """(lowercase text without the final dot, absolute dnspython name), or DnsNameError.
+
+    Memoised: a cache hit in `query` was mostly this parse (dns.name.Name is immutable,
+    so sharing one is safe; errors are raised again each time, never cached).
+    """
     if not isinstance(name, str):
         raise TypeError(f"a DNS name is a str, not {type(name).__name__}")
     if name in ("", "."):
@@ -483,6 +489,7 @@ def _normalise_name(name: str) -> tuple[str, dns.name.Name]:
     return qname.to_text(omit_final_dot=True), qname
 
 
+@functools.lru_cache(maxsize=64)
 def _rdtype(rdtype: str) -> dns.rdatatype.RdataType:
     try:
         code = dns.rdatatype.RdataType.make(rdtype.upper().strip())
