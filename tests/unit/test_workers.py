@@ -262,3 +262,16 @@ def test_workers_setting_refused(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError) as refused:
         load_config(config)
     assert "node.workers:" in refused.value.render()
+
+
+@pytest.mark.parametrize("count", ["0", "65", "-2"])
+def test_run_refuses_a_bad_worker_count(tmp_path: Path, count: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+    (tmp_path / "tenants.toml").write_text("")
+    config = tmp_path / "m.toml"
+    config.write_text(f'[node]\nspool_dir = "{tmp_path / "spool"}"\n'
+                      f'[tenants]\nfile = "{tmp_path / "tenants.toml"}"\n')
+    assert main(["run", "--config", str(config), "--workers", count]) == 2
+    assert "--workers must be 1 to 64" in capsys.readouterr().err
+    assert not (tmp_path / "spool").exists()  # refused before anything was started
