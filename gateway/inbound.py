@@ -170,7 +170,7 @@ class Inbound:
             return replies.TOO_MANY_RECIPIENTS
         if address.domain.startswith("["):
             # Address literals name a host, not a hosted domain: never relay.
-            return self._refuse(session, None, "relay", replies.RELAY_DENIED, address)
+            return self._refuse(session, txn, None, "relay", replies.RELAY_DENIED, address)
         try:
             found = await self.directory.lookup_recipient(address.lookup_local,
                                                           address.lookup_domain)
@@ -181,24 +181,24 @@ class Inbound:
         except Unavailable as exc:
             # The outage itself is logged (once a minute) by the directory; this is the
             # per-recipient decision.
-            log.info("session=%s rcpt=<%s> deferred, directory unavailable: %s",
-                     session.session_id, address.text, exc)
+            log.info("session=%s from=<%s> rcpt=<%s> deferred, directory unavailable: %s",
+                     session.session_id, txn.sender_text, address.text, exc)
             self.metrics.reject(None, "rcpt", "directory_unavailable")
             return replies.DIRECTORY_UNAVAILABLE
         if isinstance(found, Unknown):
             if found.domain_hosted:
-                return self._refuse(session, found.tenant, "unknown_user", replies.NO_SUCH_USER,
-                                    address)
-            return self._refuse(session, None, "relay", replies.RELAY_DENIED, address)
+                return self._refuse(session, txn, found.tenant, "unknown_user",
+                                    replies.NO_SUCH_USER, address)
+            return self._refuse(session, txn, None, "relay", replies.RELAY_DENIED, address)
         if tenant is None:
             log.error("session=%s rcpt=<%s> tenant %s missing from the directory",
                       session.session_id, address.text, found.tenant)
             return replies.DIRECTORY_UNAVAILABLE
         if found.disabled:
-            return self._refuse(session, found.tenant, "disabled", replies.MAILBOX_DISABLED,
+            return self._refuse(session, txn, found.tenant, "disabled", replies.MAILBOX_DISABLED,
                                 address)
         if found.over_quota:
-            return self._refuse(session, found.tenant, "over_quota", replies.OVER_QUOTA,
+            return self._refuse(session, txn, found.tenant, "over_quota", replies.OVER_QUOTA,
                                 address)
         try:
             mailboxes = await self._mailboxes(found)
@@ -210,10 +210,10 @@ class Inbound:
             # recipients are deferred, never refused and never sent unrewritten.
             log.warning("session=%s rcpt=<%s> is a %s to other domains: not yet supported",
                         session.session_id, address.text, found.kind)
-            return self._refuse(session, found.tenant, "forward_unsupported",
+            return self._refuse(session, txn, found.tenant, "forward_unsupported",
                                 replies.FORWARD_UNAVAILABLE, address)
         if not mailboxes:
-            return self._refuse(session, found.tenant, "alias_empty", replies.NO_SUCH_USER,
+            return self._refuse(session, txn, found.tenant, "alias_empty", replies.NO_SUCH_USER,
                                 address)
         accepted = AcceptedRecipient(address, mailboxes[0])
         if session.held and address.lookup_local not in ALWAYS_REACHABLE and not allowlisted(
@@ -223,7 +223,7 @@ class Inbound:
             reply = held.verdict.reply or (replies.DEFAULT_REJECT
                                            if held.verdict.action is Action.REJECT
                                            else replies.DEFAULT_TEMPFAIL)
-            return self._refuse(session, found.tenant, f"{held.stage.value}:{held.filter}",
+            return self._refuse(session, txn, found.tenant, f"{held.stage.value}:{held.filter}",
                                 reply, address)
         tenant_view = TenantViewImpl(tenant)
         ctx = self._context(Stage.RCPT, session, txn, current=accepted,
@@ -233,16 +233,19 @@ class Inbound:
             reply = result.verdict.reply or (replies.DEFAULT_REJECT
                                              if result.verdict.action is Action.REJECT
                                              else replies.DEFAULT_TEMPFAIL)
-            return self._refuse(session, found.tenant, f"rcpt:{result.filter}", reply, address)
+            return self._refuse(session, txn, found.tenant, f"rcpt:{result.filter}", reply, address)
         txn.tenants[tenant.id] = tenant
         txn.accepted_rcpt_commands += 1
         for mailbox in mailboxes:
             if all(r.lookup_key != mailbox.address for r in txn.recipients):
                 txn.recipients.append(AcceptedRecipient(address, mailbox))
         self.metrics.recipients_accepted.labels(self.metrics.tenant(tenant.id)).inc()
-        log.info("session=%s rcpt=<%s> tenant=%s %s=%s accepted", session.session_id,
-                 address.text, tenant.id, found.kind,
-                 ",".join(m.address for m in mailboxes))
+        # At info the queued line names every accepted recipient (one line per message
+        # instead of one per decision: logging was 14 % of the relay's CPU).
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session=%s rcpt=<%s> tenant=%s %s=%s accepted", session.session_id,
+                      address.text, tenant.id, found.kind,
+                      ",".join(m.address for m in mailboxes))
         return replies.RECIPIENT_OK
 
     async def _mailboxes(self, found: Recipient, depth: int = 0) -> list[Recipient] | None:
@@ -275,11 +278,12 @@ class Inbound:
             result.extend(m for m in expanded if not (m.disabled or m.over_quota))
         return result
 
-    def _refuse(self, session: Session, tenant: str | None, reason: str, reply: Reply,
-                address: Address) -> Reply:
+    def _refuse(self, session: Session, txn: Transaction, tenant: str | None, reason: str,
+                reply: Reply, address: Address) -> Reply:
         self.metrics.reject(tenant, "rcpt", reason)
-        log.info("session=%s rcpt=<%s> refused (%s): %s", session.session_id, address.text,
-                 reason, reply)
+        # The sender is named here because the MAIL line is logged at debug only.
+        log.info("session=%s from=<%s> rcpt=<%s> refused (%s): %s", session.session_id,
+                 txn.sender_text, address.text, reason, reply)
         return reply
 
     # -- DATA -------------------------------------------------------------------------
@@ -339,7 +343,8 @@ class Inbound:
                        else replies.DEFAULT_MESSAGE_REJECT)
             for t in tenant_ids:
                 self.metrics.reject(group_tenant[t], "data", settled_by[t] or "policy")
-            log.info("session=%s data %s (%s by %s for tenant %s): %s", session.session_id,
+            log.info("session=%s from=<%s> nrcpt=%d data %s (%s by %s for tenant %s): %s",
+                     session.session_id, txn.sender_text, len(txn.recipients),
                      combined.action.value, verdict.reason, settled_by[tenant], tenant,
                      verdict.reply or default)
             if combined.action is Action.REJECT:
@@ -403,9 +408,10 @@ class Inbound:
         await self._record(session, _outcome(verdicts, settled_by,
                                              reputation.MailOutcome.ACCEPTED))
         ids = tuple(env.id for env, _ in envelopes)
-        log.info("session=%s from=<%s> size=%d nrcpt=%d queued=%s results=%s",
+        log.info("session=%s from=<%s> size=%d nrcpt=%d to=%s tenant=%s queued=%s results=%s",
                  session.session_id, txn.sender_text, len(message), len(txn.recipients),
-                 ",".join(ids) or "-", summarise(txn))
+                 _recipients_text(txn), ",".join(txn.tenants), ",".join(ids) or "-",
+                 summarise(txn))
         return DataOutcome(Reply(250, "2.0.0", f"Ok: queued as {queue_id}"), ids)
 
     async def _record(self, session: Session, outcome: reputation.MailOutcome) -> None:
@@ -463,6 +469,16 @@ def _with_headers(message: bytes, at: int, headers: Sequence[tuple[str, str]]) -
     added = b"".join(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
                      for name, value in headers)
     return message[:at] + added + message[at:]
+
+
+def _recipients_text(txn: Transaction) -> str:
+    """Every accepted recipient: `<given>`, followed by `(mailbox)` when the directory
+    resolved it to another mailbox (catch-all, alias); with the `tenant=` field this is
+    what the per-recipient "accepted" lines (now at debug) said at info."""
+    return ",".join(
+        f"<{r.given.text}>" if r.given.text == r.recipient.address
+        else f"<{r.given.text}>({r.recipient.address})"
+        for r in txn.recipients)
 
 
 def summarise(txn: Transaction) -> str:

@@ -313,8 +313,9 @@ class Queue:
                 return
         await self.spool.remove(entry.id)
         self.entries.pop(entry.id, None)
-        log.info("queue=%s removed (done %d, failed %d)", entry.id, len(entry.done),
-                 len(entry.failed))
+        # debug: every recipient's outcome was logged at info already, one line each.
+        log.debug("queue=%s removed (done %d, failed %d)", entry.id, len(entry.done),
+                  len(entry.failed))
 
     # -- operator actions ------------------------------------------------------------
 

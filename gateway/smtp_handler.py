@@ -363,7 +363,9 @@ class GatewaySMTP(AioSMTP):
         if reply.code < 400:
             self.txn = txn
             self.gw.transactions += 1
-            log.info("session=%s from=<%s> size=%d", self.gw.session_id, txn.sender_text, size)
+            # debug: the queued line, and every refusal line, name the sender at info.
+            log.debug("session=%s from=<%s> size=%d", self.gw.session_id, txn.sender_text,
+                      size)
         await self.reply(reply)
 
     async def cmd_RCPT(self, arg: str) -> None:
@@ -463,8 +465,8 @@ class GatewaySMTP(AioSMTP):
                 reply = (replies.TRANSACTION_TOO_LONG if deadline == txn_deadline
                          else replies.DATA_TOO_SLOW if deadline == rate_deadline
                          else replies.SESSION_TIMEOUT)
-                log.info("session=%s DATA aborted after %d bytes: %s", self.gw.session_id,
-                         size, reply.text)
+                log.info("session=%s from=<%s> DATA aborted after %d bytes: %s",
+                         self.gw.session_id, txn.sender_text, size, reply.text)
                 await self.reply_and_close(reply)
                 return None
             self._reset_timeout()
@@ -487,8 +489,8 @@ class GatewaySMTP(AioSMTP):
                 break
             previous_ends_line = chunk.endswith(b"\r\n")
         if too_big:
-            log.info("session=%s DATA over size limit (%d > %d)", self.gw.session_id, size,
-                     limit)
+            log.info("session=%s from=<%s> DATA over size limit (%d > %d)", self.gw.session_id,
+                     txn.sender_text, size, limit)
             self.metrics.reject(None, "data", "size")
             await self.reply(replies.SIZE_EXCEEDED)
             return None
@@ -498,7 +500,8 @@ class GatewaySMTP(AioSMTP):
         crlf = data.count(b"\r\n")
         if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
             if self.settings.smuggling == "reject":
-                log.info("session=%s DATA refused: bare CR or LF", self.gw.session_id)
+                log.info("session=%s from=<%s> DATA refused: bare CR or LF",
+                         self.gw.session_id, txn.sender_text)
                 self.metrics.reject(None, "data", "bare_cr_lf")
                 await self.reply(replies.BARE_CR_LF_DATA)
                 return None
