@@ -345,6 +345,10 @@ class Rspamd:
     ``local`` and ``override`` add files to ``local.d/`` and ``override.d/`` (name ->
     UCL text), e.g. ``{"actions.conf": "reject = 20;"}``; they are written after ours, so
     a test can replace any of them.
+    ``port`` is the normal worker's port (default: a free one), for a caller that must
+    know it before the start (a proxy upstream, a second ``bind_socket``); it is kept when
+    a start retries after "Address already in use" (only the controller moves), so a
+    taken port fails the start.
     """
 
     def __init__(
@@ -359,6 +363,7 @@ class Rspamd:
         local: Mapping[str, str] | None = None,
         override: Mapping[str, str] | None = None,
         startup_timeout: float = 60.0,
+        port: int | None = None,
     ) -> None:
         self._owns_workdir = workdir is None
         base = Path(workdir) if workdir is not None else Path(
@@ -372,7 +377,8 @@ class Rspamd:
         self._local = dict(local or {})
         self._override = dict(override or {})
         self._startup_timeout = startup_timeout
-        self._port = free_port(HOST)
+        self._fixed_port = port is not None
+        self._port = port if port is not None else free_port(HOST)
         self._controller_port = free_port(HOST)
         self._responder: NxdomainResponder | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -468,7 +474,9 @@ class Rspamd:
             except _PortInUse:
                 if attempt == 2:
                     raise
-                self._port, self._controller_port = free_port(HOST), free_port(HOST)
+                if not self._fixed_port:
+                    self._port = free_port(HOST)
+                self._controller_port = free_port(HOST)
             else:
                 return self
         raise AssertionError("unreachable")
