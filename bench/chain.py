@@ -148,9 +148,8 @@ class ChainPeers:
                    # Mail from 127.0.0.1 counts as local: no outbound signing attempts.
                    "dkim_signing.conf": "sign_local = false;\n",
                    "arc.conf": "sign_local = false;\n"},
-            override={"worker-proxy.inc": proxy, "options.inc": "check_local = true;\n"})
-        # The helper picks the normal worker's port; the proxy must forward to it.
-        self.rspamd._port = normal_port
+            override={"worker-proxy.inc": proxy, "options.inc": "check_local = true;\n"},
+            port=normal_port)
         self.rspamd.start()
         if self.rspamd.port != normal_port:
             raise RuntimeError("rspamd moved its normal worker; the milter proxy would "
