@@ -115,7 +115,7 @@ from urllib.parse import urlsplit
 import msgspec
 from multidict import CIMultiDict
 
-__all__ = ["RspamdClient", "SpamResult", "SpamScanError"]
+__all__ = ["RspamdClient", "SpamResult", "SpamScanError", "url_problem"]
 
 DEFAULT_CONNECTIONS = 32
 
@@ -510,6 +510,15 @@ def _endpoint(base_url: str) -> _Endpoint:
     return _Endpoint(host, port or (443 if tls else 80), None, tls,
                      parts.path.rstrip("/"), shown if port is None else f"{shown}:{port}",
                      literal)
+
+
+def url_problem(base_url: str) -> str | None:
+    """Why `base_url` is not one `RspamdClient` takes (None: it is); for config checks."""
+    try:
+        _endpoint(base_url.rstrip("/"))
+    except ValueError:
+        return "must be an http://host[:port] URL or unix:/path/to/socket"
+    return None
 
 
 class RspamdClient:

@@ -27,6 +27,7 @@ from filters.dnsbl import DnsblSettings, DnsblSettingsError, build_dnsbl_setting
 from filters.greylist import GreylistSettings
 from filters.limits import LimitSettings
 from filters.reputation import ReputationSettings
+from filters.rspamd import url_problem as rspamd_url_problem
 
 T = TypeVar("T")
 
@@ -130,7 +131,7 @@ class AntivirusSettings:
 
 @dataclass(frozen=True, slots=True)
 class AntispamSettings:
-    rspamd_url: str | None = None  # "http://127.0.0.1:11333"; None: no spam scanning
+    rspamd_url: str | None = None  # "http://127.0.0.1:11333", "unix:/path"; None: no scanning
     timeout: float = 20.0
     max_scan_size: int = 10_485_760  # larger messages are not scored
     password: str | None = None
@@ -528,9 +529,8 @@ def _read_settings(data: Mapping[str, Any], reader: _Reader, path: Path) -> Sett
     t = reader.table("antispam", {"rspamd_url", "timeout", "max_scan_size", "password"})
     sp = AntispamSettings()
     antispam = AntispamSettings(
-        rspamd_url=reader.get(t, "antispam.rspamd_url", str, None,
-                              lambda v: None if re.fullmatch(r"https?://\S+", v)
-                              else "must be an http:// URL") or None,
+        rspamd_url=reader.get(t, "antispam.rspamd_url", str, None, rspamd_url_problem)
+        or None,
         timeout=reader.get(t, "antispam.timeout", float, sp.timeout, _scanner_timeout),
         max_scan_size=reader.get(t, "antispam.max_scan_size", int, sp.max_scan_size,
                                  _positive),
