@@ -40,6 +40,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.config import QueueSettings
 from gateway.delivery import Outcome
@@ -58,6 +59,32 @@ from gateway.spool import (
 log = logging.getLogger(__name__)
 
 EXPIRED = Outcome(450, "4.4.7", "Message expired in queue: delivery kept failing temporarily")
+
+
+class PerTenant:
+    """`metric.labels(metrics.tenant(t))`, remembered per tenant id.
+
+    labels() joins, hashes and locks on every call (a few µs, several times per
+    message); the child it returns for a tenant never changes: TenantLabels only grows
+    to its limit, after which a new tenant stays "other" for good. Emptied when full,
+    so tens of thousands of tenants cost no more than today.
+    """
+
+    __slots__ = ("_children", "_label", "_metric")
+    MAX = 4096
+
+    def __init__(self, metric: Any, label: Callable[[str | None], str]) -> None:
+        self._metric = metric
+        self._label = label
+        self._children: dict[str | None, Any] = {}
+
+    def __call__(self, tenant: str | None) -> Any:
+        child = self._children.get(tenant)
+        if child is None:
+            if len(self._children) >= self.MAX:
+                self._children.clear()
+            child = self._children[tenant] = self._metric.labels(self._label(tenant))
+        return child
 
 
 @dataclass(slots=True)
@@ -121,6 +148,14 @@ class Queue:
         self._stopping = False
         self.idle = asyncio.Event()
         self.idle.set()
+        self._delivered = PerTenant(metrics.delivered, metrics.tenant)
+        self._deferred_count = PerTenant(metrics.deferred, metrics.tenant)
+        self._bounced = PerTenant(metrics.bounced, metrics.tenant)
+        self._depth_active = metrics.queue_depth.labels("active")
+        self._depth_deferred = metrics.queue_depth.labels("deferred")
+        # Ids of entries counted as deferred (tried, recipients still pending), kept up to
+        # date per entry so the gauges cost O(1) per message, not a walk of the queue.
+        self._deferred: set[str] = set()
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -171,7 +206,7 @@ class Queue:
         """A message just committed to the spool: attempt it at once, from memory."""
         entry = QueueEntry(envelope, message=message)
         self.entries[entry.id] = entry
-        self._update_gauges()
+        self._update_gauges(entry)
         self._launch(entry)
 
     # -- scheduling ------------------------------------------------------------------
@@ -248,11 +283,11 @@ class Queue:
         for index in pending:
             outcome = outcomes.get(index) or Outcome(451, "4.3.0", "no outcome from router")
             recipient = entry.envelope.recipients[index]
-            tenant = self.metrics.tenant(recipient.tenant)
+            tenant = recipient.tenant
             if outcome.delivered:
                 records.append(Done(index=index, code=outcome.code, status=outcome.status,
                                     text=outcome.text[:200], at=now))
-                self.metrics.delivered.labels(tenant).inc()
+                self._delivered(tenant).inc()
                 log.info("queue=%s to=<%s> status=delivered via %s: %s %s %s", entry.id,
                          recipient.mailbox, outcome.remote, outcome.code, outcome.status,
                          outcome.text)
@@ -266,17 +301,17 @@ class Queue:
                                       text=f"{EXPIRED.text}; last reply: {outcome.code} "
                                            f"{outcome.status} {outcome.text}"[:500],
                                       remote=outcome.remote, at=now))
-                self.metrics.bounced.labels(tenant).inc()
+                self._bounced(tenant).inc()
             elif outcome.temporary:
                 temporary.append(f"{outcome.code} {outcome.status} {outcome.text}")
-                self.metrics.deferred.labels(tenant).inc()
+                self._deferred_count(tenant).inc()
                 log.info("queue=%s to=<%s> status=deferred via %s: %s %s %s", entry.id,
                          recipient.mailbox, outcome.remote, outcome.code, outcome.status,
                          outcome.text)
             else:
                 records.append(Failed(index=index, code=outcome.code, status=outcome.status,
                                       text=outcome.text[:500], remote=outcome.remote, at=now))
-                self.metrics.bounced.labels(tenant).inc()
+                self._bounced(tenant).inc()
                 log.info("queue=%s to=<%s> status=failed via %s: %s %s %s", entry.id,
                          recipient.mailbox, outcome.remote, outcome.code, outcome.status,
                          outcome.text)
@@ -300,7 +335,7 @@ class Queue:
             self._schedule(entry, next_at)
         else:
             await self._finish(entry, message)
-        self._update_gauges()
+        self._update_gauges(entry)
 
     async def _finish(self, entry: QueueEntry, message: bytes) -> None:
         if entry.failed and self.on_failures is not None:
@@ -339,12 +374,21 @@ class Queue:
             return False
         await self.spool.append_state(queue_id, Dropped(at=time.time(), reason="operator"))
         await self.spool.remove(queue_id)
-        self._update_gauges()
+        self._update_gauges(entry)
         log.info("queue=%s deleted by operator", queue_id)
         return True
 
-    def _update_gauges(self) -> None:
-        deferred = sum(1 for e in self.entries.values() if e.attempts and e.pending())
-        self.metrics.queue_depth.labels("active").set(len(self.entries) - deferred)
-        self.metrics.queue_depth.labels("deferred").set(deferred)
+    def _update_gauges(self, changed: QueueEntry | None = None) -> None:
+        """Set the depth gauges; after a change to one entry, recount only that entry
+        (`changed`), else (start-up) walk the whole queue."""
+        if changed is None:
+            self._deferred = {e.id for e in self.entries.values() if e.attempts and e.pending()}
+        elif (self.entries.get(changed.id) is changed and changed.attempts
+              and changed.pending()):
+            self._deferred.add(changed.id)
+        else:
+            self._deferred.discard(changed.id)
+        deferred = len(self._deferred)
+        self._depth_active.set(len(self.entries) - deferred)
+        self._depth_deferred.set(deferred)
 

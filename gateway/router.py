@@ -82,8 +82,11 @@ class StorageRouter(Router):
         outcomes: dict[int, Outcome] = {}
         groups: dict[str, _Destination] = {}
         recipients = entry.envelope.recipients
-        resolved = await asyncio.gather(*(
-            self._destination(recipients[i].kind, recipients[i].mailbox) for i in pending))
+        # gather() makes a Task per coroutine; one recipient, or one destination (the
+        # usual message), is awaited directly instead.
+        lookups = [self._destination(recipients[i].kind, recipients[i].mailbox)
+                   for i in pending]
+        resolved = [await lookups[0]] if len(lookups) == 1 else await asyncio.gather(*lookups)
         for index, result in zip(pending, resolved, strict=True):
             if isinstance(result, Outcome):
                 outcomes[index] = result
@@ -92,8 +95,8 @@ class StorageRouter(Router):
             group = groups.setdefault(key, _Destination(key, agent))
             group.indexes.append(index)
             group.addresses.append(address)
-        results = await asyncio.gather(*(self._deliver_group(entry, message, g)
-                                          for g in groups.values()))
+        jobs = [self._deliver_group(entry, message, g) for g in groups.values()]
+        results = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
         for group, group_outcomes in zip(groups.values(), results, strict=True):
             outcomes.update(zip(group.indexes, group_outcomes, strict=True))
         return outcomes

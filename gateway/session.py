@@ -100,12 +100,37 @@ class Transaction:
         return "" if self.sender is None else self.sender.text
 
 
+# Policy -> its mapping. Building the mapping walks ~25 fields (msgspec has no cheap
+# asdict), and it was built for every recipient and every message; a Policy is frozen,
+# so its mapping can be shared. Keyed by id() with the policy kept alive beside it, so
+# an id is never reused while its entry exists; emptied when full (policies are
+# replaced when the directory refreshes).
+_POLICY_MAPPINGS: dict[int, tuple[Any, dict[str, Any]]] = {}
+_POLICY_MAPPINGS_MAX = 1024
+
+
+def _policy_mapping(policy: Any) -> dict[str, Any]:
+    cached = _POLICY_MAPPINGS.get(id(policy))
+    if cached is not None and cached[0] is policy:
+        return cached[1]
+    if len(_POLICY_MAPPINGS) >= _POLICY_MAPPINGS_MAX:
+        _POLICY_MAPPINGS.clear()
+    mapping: dict[str, Any] = policy.as_mapping()
+    _POLICY_MAPPINGS[id(policy)] = (policy, mapping)
+    return mapping
+
+
 class TenantViewImpl:
-    """A tenant as filters see it; `overrides` add a mailbox group's own settings."""
+    """A tenant as filters see it; `overrides` add a mailbox group's own settings.
+
+    `policy` is a read-only mapping (filters.base.TenantView); without overrides it is
+    the one shared mapping of the tenant's Policy object.
+    """
 
     def __init__(self, tenant: Tenant, overrides: dict[str, Any] | None = None) -> None:
         self._tenant = tenant
-        self._policy = {**tenant.policy.as_mapping(), **(overrides or {})}
+        self._policy = ({**_policy_mapping(tenant.policy), **overrides} if overrides
+                        else _policy_mapping(tenant.policy))
 
     @property
     def id(self) -> str:

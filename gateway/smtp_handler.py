@@ -417,11 +417,15 @@ class GatewaySMTP(AioSMTP):
             await self._refuse(replies.NEED_RCPT)
             return
         txn = self.txn
-        try:
-            await asyncio.wait_for(self.data_slots.acquire(), DATA_SLOT_WAIT)
-        except TimeoutError:
-            await self.reply(Reply(451, "4.3.2", "Too busy, try again later"))
-            return
+        if self.data_slots.locked():
+            try:
+                await asyncio.wait_for(self.data_slots.acquire(), DATA_SLOT_WAIT)
+            except TimeoutError:
+                await self.reply(Reply(451, "4.3.2", "Too busy, try again later"))
+                return
+        else:
+            # A free slot is taken at once; wait_for() would wrap the acquire in a Task.
+            await self.data_slots.acquire()
         try:
             await self.reply(replies.START_DATA)
             content = await self._read_data(txn)
