@@ -231,7 +231,7 @@ async def test_authentication_results_in_http_headers_vocabulary(
     ("permerror", [("permerror", "")], "permerror",
      ({"result": "permfail"}, {"results": [{"result": "permfail", "domain": "unknown"}]},
       {"result": "badpolicy"})),
-    # Words the module cannot take are not sent: Rspamd checks on its own.
+    # Words the module cannot take are not sent (with http_headers on: no symbol at all).
     ("temperror", [], "bogus", (None, None, None)),
 ])
 async def test_authentication_words_mapped(server: ScriptedRspamd, client: RspamdClient,
