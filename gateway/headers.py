@@ -8,6 +8,7 @@ and 8-bit content stay byte-exact (a rewrapped body breaks DKIM).
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -35,20 +36,37 @@ def received_header(*, helo: str | None, client_ip: str, rdns: str | None, hostn
     The `for` clause names the recipient only when there is exactly one, so a
     message to many recipients does not reveal the others to each.
     """
-    when = when or datetime.now(UTC)
+    date = format_datetime(when) if when is not None else _now_rfc5322()
     literal = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
     source = f"{_clean(helo) if helo else 'unknown'} ({_clean(rdns) + ' ' if rdns else ''}"\
              f"[{literal}])"
     recipient_clause = f"\r\n\tfor <{_clean(recipient)}>" if recipient else ""
     text = (f"Received: from {source}\r\n\tby {hostname} (mailedge) with {protocol} "
-            f"id {queue_id}{recipient_clause};\r\n\t{format_datetime(when)}\r\n")
+            f"id {queue_id}{recipient_clause};\r\n\t{date}\r\n")
     return text.encode("utf-8", "surrogateescape")
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _now_rfc5322() -> str:
+    """format_datetime(datetime.now(UTC)), made once per second: the date has whole
+    seconds, and building it was a good part of the header's cost."""
+    global _date_cache
+    now = time.time()
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _date_cache[1]
+
+
+_UNSAFE = re.compile(r"[\x00-\x20()<>;\\\"\x7f]")
 
 
 def _clean(value: str) -> str:
     # Whatever the client claimed, it must not break the header's structure: no line
     # breaks, no comment or angle delimiters, no ";" (it starts the date, RFC 5322 §3.6.7).
-    return re.sub(r"[\x00-\x20()<>;\\\"\x7f]", "?", value)[:255]
+    return _UNSAFE.sub("?", value)[:255]
 
 
 def remove_forged_auth_results(header: bytes, authserv_id: str) -> tuple[bytes, int]:

@@ -60,6 +60,19 @@ PROXY_TIMEOUT = 10.0
 DATA_SLOT_WAIT = 30.0
 
 
+def _encode(reply: Reply) -> bytes:
+    text = (f"{reply.code} {reply.status} {reply.text}\r\n" if reply.status
+            else f"{reply.code} {reply.text}\r\n")
+    return text.encode("utf-8")
+
+
+_WIRE: dict[Reply, bytes] = {r: _encode(r) for r in vars(replies).values()
+                             if isinstance(r, Reply)}
+
+
+_EHLO: dict[tuple[str, int, bool], bytes] = {}
+
+
 class _NoHooks:
     """aiosmtpd finds hooks by name; we call gateway.inbound explicitly instead."""
 
@@ -104,14 +117,45 @@ class GatewaySMTP(AioSMTP):
             "EXPN": self.cmd_EXPN, "HELP": self.cmd_HELP, "STARTTLS": self.cmd_STARTTLS,
         }
         self._closing = False
+        self._idle_deadline = 0.0
+        self._timer_at = float("inf")  # when the armed timer fires (inf: none armed)
 
     # -- plumbing ---------------------------------------------------------------------
 
     async def reply(self, reply: Reply) -> None:
-        if reply.status:
-            await self.push(f"{reply.code} {reply.status} {reply.text}")
-        else:
-            await self.push(f"{reply.code} {reply.text}")
+        # The fixed replies (gateway.replies) are encoded once; aiosmtpd's push() would
+        # format, encode and concatenate each one again.
+        wire = _WIRE.get(reply)
+        if wire is None:
+            wire = _encode(reply)
+        self._writer.write(wire)
+        await self._writer.drain()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Move the idle deadline (before every command and every DATA chunk).
+
+        aiosmtpd cancels its timer and schedules a new one each time; here one timer
+        stays armed and, when it fires before the deadline moved past it, re-arms for
+        the rest. The connection still closes `duration` seconds after the last reset.
+        """
+        loop = self.loop
+        deadline = loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = deadline
+        if self._timeout_handle is not None and self._timer_at <= deadline:
+            return  # the armed timer fires first and then looks at the deadline
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._timer_at = deadline
+        self._timeout_handle = loop.call_at(deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        deadline = self._idle_deadline
+        if self.loop.time() < deadline:
+            self._timer_at = deadline
+            self._timeout_handle = self.loop.call_at(deadline, self._idle_check)
+            return
+        self._timer_at = float("inf")
+        self._timeout_cb()
 
     async def reply_and_close(self, reply: Reply) -> None:
         self._closing = True
@@ -291,12 +335,18 @@ class GatewaySMTP(AioSMTP):
         if not esmtp:
             await self.push(f"250 {self.hostname}")
             return
-        lines = [self.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}",
-                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
-        if self.tls_context is not None and not self.gw.tls:
-            lines.append("STARTTLS")
-        text = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
-        await self.push(text)
+        starttls = self.tls_context is not None and not self.gw.tls
+        key = (self.hostname, self.settings.max_message_size, starttls)
+        wire = _EHLO.get(key)
+        if wire is None:  # the same few answers every time: build each once
+            lines = [self.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}",
+                     "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+            if starttls:
+                lines.append("STARTTLS")
+            text = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
+            wire = _EHLO[key] = (text + "\r\n").encode("utf-8")
+        self._writer.write(wire)
+        await self._writer.drain()
 
     async def cmd_STARTTLS(self, arg: str) -> None:
         assert self.gw is not None

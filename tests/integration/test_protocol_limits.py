@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 
 import pytest
 
@@ -60,6 +61,21 @@ async def test_idle_timeout_says_421(node_factory) -> None:  # type: ignore[no-u
     client, _ = await RawSMTP.connect(harness.port)
     reply = await client.read_reply(timeout=5)
     assert (reply.code, reply.status) == (421, "4.4.2")
+    assert await client.closed()
+    await client.close()
+
+
+async def test_idle_timeout_counts_from_the_last_command(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """The idle timer is moved by every command (one timer re-armed when it fires)."""
+    harness: NodeHarness = await node_factory(overrides={"inbound": {"command_timeout": 0.5}})
+    client, _ = await RawSMTP.connect(harness.port)
+    for _ in range(5):  # 1.5 s in all, well past the first deadline
+        await asyncio.sleep(0.3)
+        assert (await client.cmd("NOOP")).code == 250
+    last = time.monotonic()
+    reply = await client.read_reply(timeout=5)
+    assert (reply.code, reply.status) == (421, "4.4.2")
+    assert 0.4 <= time.monotonic() - last < 2.0
     assert await client.closed()
     await client.close()
 
