@@ -102,14 +102,14 @@ async def measure(clients: dict[str, type[Any]], urls: dict[str, str], sizes: li
                 samples: dict[str, list[tuple[float, float]]] = {n: [] for n in clients}
                 instances = {}
                 for name, cls in clients.items():
+                    instances[name] = cls(url, timeout=30, max_size=1 << 24)
                     try:
-                        instances[name] = cls(url, timeout=30, max_size=1 << 24)
                         for _ in range(20):
                             await instances[name].check(data, **HEADERS)
                     except Exception as exc:  # e.g. the old client and unix:
                         print(f"  {name} {transport}: {type(exc).__name__}: {exc}",
                               file=sys.stderr)
-                        instances.pop(name, None)
+                        await instances.pop(name).aclose()
                 for _ in range(repeat):  # interleaved: both clients see the same machine
                     for name, instance in instances.items():
                         samples[name].append(await batch(instance, data, count, concurrency))

@@ -9,8 +9,9 @@ aiohttp until issue 6: Rspamd 3.4's normal worker answers every request with
 `Connection: close`, so every scan opens a new connection, and aiohttp's per-connection
 and per-request machinery (connector, happy-eyeballs connect, request and response
 objects) cost 0.6-1.4 ms of client CPU per scan, ~14 % of the node's Python CPU per
-message. Ours costs about a fifth of that (figures: docs/dependencies.md;
-bench/rspamd_client.py measures them).
+message. Ours costs about half of that, 0.3-0.65 ms with uvloop, most of it the kernel's
+connect, send and close on loopback (less over a UNIX socket); bench/rspamd_client.py
+measures it, docs/dependencies.md has the figures.
 
 One request on one connection: the request head (request line, `Host`, `User-Agent`,
 `Content-Length` and Rspamd's headers below) and the message go out in one `write()`
@@ -68,16 +69,16 @@ a header that fails to parse lets that one check run). A missing header then mea
 symbol at all, not a check by Rspamd: an SPF temperror, or a message mailedge did not check
 (the filter not in the pipeline), scores nothing for that check; and every other client of
 the instance (a milter proxy for Postfix, `rspamc`) gets no SPF, DKIM or DMARC checks.
-The module cannot be switched per request (settings cannot undo a condition), so an
-operator chooses (docs/filters.md):
+The module has no symbol of its own that settings could switch off per request: it is on
+or off for the whole instance. An operator chooses (docs/filters.md):
 
 * an Rspamd instance that serves mailedge only, `http_headers` on, and spf, dkim and dmarc
   in mailedge's pipeline: our results are scored by Rspamd, nothing is checked twice;
 * or (shared instance) `http_headers` off and a settings rule that matches mailedge's
-  requests (e.g. `request_header = { "MTA-Name" = "^mx\\.example\\.net$"; }`) with
-  `apply { symbols_disabled = ["SPF_CHECK", "DKIM_CHECK", "DMARC_CALLBACK"]; }`: the same
-  work saved, minus those symbols' small scores (mailedge's own spf, dkim and dmarc filters
-  decide on them anyway); bench/chain.py runs this way;
+  requests (`request_header` on our MTA-Name) with `apply { symbols_disabled =
+  ["SPF_CHECK", "DKIM_CHECK", "DMARC_CALLBACK"]; }`: the same work saved, minus those
+  symbols' small scores (mailedge's own spf, dkim and dmarc filters decide on them
+  anyway); bench/chain.py runs this way;
 * or the stock configuration: everything checked twice, by mailedge and by Rspamd.
 
 Whoever can reach Rspamd's normal worker can send these headers (and MTA-Name) and claim
