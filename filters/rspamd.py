@@ -114,7 +114,6 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import msgspec
-from multidict import CIMultiDict
 
 __all__ = ["RspamdClient", "SpamResult", "SpamScanError", "url_problem"]
 
@@ -591,9 +590,9 @@ class RspamdClient:
                 user: str | None = None, queue_id: str | None = None,
                 mta_name: str | None = None, spf: str | None = None,
                 dkim: str | Sequence[tuple[str, str]] | None = None,
-                dmarc: str | None = None) -> CIMultiDict[str]:
-        """The request headers `check()` sends (see the module docstring)."""
-        return CIMultiDict(self._header_list(
+                dmarc: str | None = None) -> list[tuple[str, str]]:
+        """The request headers `check()` sends, in order (see the module docstring)."""
+        return list(self._header_list(
             ip=ip, helo=helo, sender=sender, recipients=recipients, hostname=hostname,
             user=user, queue_id=queue_id, mta_name=mta_name, spf=spf, dkim=dkim,
             dmarc=dmarc))

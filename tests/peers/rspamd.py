@@ -77,7 +77,9 @@ What Rspamd 3.4 (Debian 12) does, observed with this configuration
 * With ``http_headers`` enabled, request headers ``SPF: {"result": "pass"}``,
   ``DKIM: {"results": [{"result": "pass", "domain": "d"}]}`` and ``DMARC: {"result":
   "pass"}`` replace Rspamd's own checks: R_SPF_ALLOW, R_DKIM_ALLOW (+ DKIM_TRACE) and
-  DMARC_POLICY_ALLOW appear with the option "http header".
+  DMARC_POLICY_ALLOW appear with the option "http header". With the module enabled
+  Rspamd never runs those checks itself, even for a request without the headers (then
+  no R_SPF_*/R_DKIM_*/DMARC_* symbol at all; docs/filters.md).
 * Several ``Rcpt`` headers are several envelope recipients (logged as ``rcpts:``).
 """
 
