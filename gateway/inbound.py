@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 # the client: the addresses a blocked sender needs to ask why (RFC 5321 §4.5.1, RFC 2142).
 ALWAYS_REACHABLE = frozenset({"postmaster", "abuse"})
 MAX_ALIAS_DEPTH = 4
+_AR_FIELD = b"authentication-results"
 # Header fields only our own checks write: whatever a sender put there is removed.
 OUR_FIELDS = frozenset({b"x-spam-flag", b"x-spam-score", b"x-spam-status", b"x-spam-level",
                         b"x-mailedge-virus-scan"})
@@ -302,8 +303,13 @@ class Inbound:
         started = time.perf_counter()
         queue_id = self.ids.new()
         header_len = header_end(content)
-        header, removed = remove_forged_auth_results(content[:header_len], self.hostname)
-        header, spoofed = remove_fields(header, OUR_FIELDS)
+        header = content[:header_len]
+        lowered = header.lower()  # one copy to look for both kinds of field
+        if _AR_FIELD in lowered or any(name in lowered for name in OUR_FIELDS):
+            header, removed = remove_forged_auth_results(header, self.hostname)
+            header, spoofed = remove_fields(header, OUR_FIELDS)
+        else:
+            removed = spoofed = 0
         if removed or spoofed:
             log.info("session=%s removed %d forged Authentication-Results and %d scan "
                      "header(s)", session.session_id, removed, spoofed)
@@ -452,6 +458,8 @@ class Inbound:
 
     def _authentication_results(self, session: Session, txn: Transaction) -> bytes:
         """The A-R field from the authentication facts, b"" when no check ran."""
+        if not txn.results.facts:
+            return b""  # no check computed anything (the plain relay)
         facts = {key: _done(txn.results.facts.get(key))
                  for key in (auth.SPF, auth.SPF_HELO, auth.DKIM, auth.DMARC, auth.ARC)}
         if not any(value is not None for value in facts.values()):
