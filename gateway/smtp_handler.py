@@ -76,6 +76,11 @@ _EHLO: dict[tuple[str, int, bool], bytes] = {}
 class _NoHooks:
     """aiosmtpd finds hooks by name; we call gateway.inbound explicitly instead."""
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's constructor walks the handler's attributes too (inspect.getmembers
+        # and dir(), per connection); an empty answer is the truth and costs nothing.
+        return []
+
 
 class GatewaySMTP(AioSMTP):
     """One instance per connection."""
@@ -101,6 +106,9 @@ class GatewaySMTP(AioSMTP):
             tls_context=tls_context,
             timeout=settings.command_timeout,
             auth_require_tls=True,
+            # Protocols are made inside the running loop; without this aiosmtpd asks
+            # for the loop under warnings.catch_warnings() on every connection.
+            loop=asyncio.get_running_loop(),
         )
         self.inbound = inbound
         self.settings = settings
