@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -137,6 +138,7 @@ def parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and the same clients recur: 4 calls a message
 def aggregate(ip: str, v4_prefix: int, v6_prefix: int) -> str:
     """The unit `ip` is counted under: its network of the given prefix length.
 

@@ -194,8 +194,8 @@ async def test_two_workers_share_the_port_and_metrics_add_up(cluster_factory: An
                        "delivered counter")
     assert cluster.metric("mailedge_connections_total") == 40
     assert cluster.metric("mailedge_workers") == 2
-    log = cluster.log_text()
-    assert "[w0]" in log and "[w1]" in log
+    await cluster.wait(lambda: "[w0]" in cluster.log_text() and "[w1]" in cluster.log_text(),
+                       "log lines of both workers")  # info lines are written within 0.1 s
     assert cluster.stop() == 0
     assert not _worker_pids(cluster.harness.root), "workers outlived a stopped node"
     assert "Traceback" not in cluster.log_text()
