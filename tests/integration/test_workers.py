@@ -264,7 +264,9 @@ async def test_worker_killed_under_load_loses_nothing(cluster_factory: Any,
         await asyncio.sleep(0.01)
     os.kill(cluster.health()["workers"][1]["pid"], signal.SIGKILL)
     await load
-    await cluster.wait(lambda: cluster.health()["workers"][1]["restarts"] == 1, "restart")
+    # Ready means every worker answers, so an empty /queue is not a missing worker's.
+    await cluster.wait(lambda: cluster.health()["workers"][1]["restarts"] == 1
+                       and cluster.get("/ready")[0] == 200, "restart")
     await cluster.wait(lambda: cluster.get("/queue")[1] == [], "queue drained", 60)
     stored = subjects(dovecot.messages("alice@example.test"))
     missing = acknowledged - set(stored)
