@@ -156,7 +156,6 @@ class Supervisor:
                 await self._spawn(worker)
             if not await self._wait_started():
                 log.error("a worker did not start; stopping the node")
-                await self._stop_workers()
                 return 1
             admin = self.settings.admin.listen
             if admin is not None:
@@ -169,11 +168,14 @@ class Supervisor:
             self._tasks.append(asyncio.create_task(self._scrape_loop(), name="scrape"))
             await self.stopping.wait()
             log.info("shutting down %d workers", self.count)
+        finally:
+            # Also when start-up failed (a worker exited, the admin port was taken):
+            # no worker may outlive its supervisor.
+            self.stopping.set()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._stop_workers()
-        finally:
             if self._runner is not None:
                 await self._runner.cleanup()
             for worker in self.workers:
@@ -226,23 +228,12 @@ class Supervisor:
     async def _watch(self, worker: Worker) -> None:
         """Start the worker again whenever it ends, unless the node is stopping."""
         while True:
-            assert worker.process is not None
-            status = await worker.process.wait()
-            if self.stopping.is_set():
-                return
-            up = time.monotonic() - worker.started
-            if up >= STABLE_AFTER:
-                worker.restart_delay = RESTART_FIRST
-            if status == 0:
-                log.warning("worker %d (pid %d) stopped by itself after %.0f s; starting "
-                            "it again", worker.index, worker.process.pid, up)
-                delay = 1.0
-            else:
-                how = (f"killed by signal {-status}" if status < 0
-                       else f"exited with status {status}")
-                log.error("worker %d (pid %d) %s after %.0f s; starting it again in %.0f s "
-                          "(its messages stay in the spool for its successor)",
-                          worker.index, worker.process.pid, how, up, worker.restart_delay)
+            if worker.process is not None:
+                status = await worker.process.wait()
+                if self.stopping.is_set():
+                    return
+                delay = self._ended(worker, status)
+            else:  # its last start failed (no processes, no memory): back off
                 delay = worker.restart_delay
                 worker.restart_delay = min(worker.restart_delay * 2, RESTART_MAX)
             try:
@@ -251,7 +242,29 @@ class Supervisor:
             except TimeoutError:
                 pass
             worker.restarts += 1
-            await self._spawn(worker)
+            try:
+                await self._spawn(worker)
+            except OSError as exc:
+                log.error("worker %d could not be started: %s", worker.index, exc)
+                worker.process = None
+
+    def _ended(self, worker: Worker, status: int) -> float:
+        """Log how the worker ended; the delay before its successor starts."""
+        assert worker.process is not None
+        up = time.monotonic() - worker.started
+        if up >= STABLE_AFTER:
+            worker.restart_delay = RESTART_FIRST
+        if status == 0:
+            log.warning("worker %d (pid %d) stopped by itself after %.0f s; starting it "
+                        "again", worker.index, worker.process.pid, up)
+            return 1.0
+        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        log.error("worker %d (pid %d) %s after %.0f s; starting it again in %.0f s "
+                  "(its messages stay in the spool for its successor)",
+                  worker.index, worker.process.pid, how, up, worker.restart_delay)
+        delay = worker.restart_delay
+        worker.restart_delay = min(worker.restart_delay * 2, RESTART_MAX)
+        return delay
 
     async def _stop_workers(self) -> None:
         running = [w for w in self.workers
@@ -259,10 +272,12 @@ class Supervisor:
         for worker in running:
             assert worker.process is not None
             worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace  # one grace for all, not one each
         for worker in running:
             assert worker.process is not None
             try:
-                await asyncio.wait_for(worker.process.wait(), self.grace)
+                await asyncio.wait_for(worker.process.wait(),
+                                       max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 log.error("worker %d did not stop within %.0f s; killing it",
                           worker.index, self.grace)

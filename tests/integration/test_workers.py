@@ -301,3 +301,22 @@ async def test_a_second_node_cannot_take_a_busy_spool(cluster_factory: Any) -> N
     assert other.returncode == 1
     assert b"another mailedge process holds spool slot" in other.stderr
     assert len(cluster.running_pids()) == 2  # the running node was not disturbed
+
+
+async def test_failed_start_leaves_no_worker_behind(tmp_path: Path) -> None:
+    """The admin port is taken: the supervisor gives up and stops the workers it began."""
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        harness = NodeHarness(tmp_path / "node", admin_port=squatter.getsockname()[1])
+        config = harness.write()
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "gateway", "run", "--config", str(config),
+                             "--workers", "2"],
+            capture_output=True, timeout=120, cwd=harness.root)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert b"cannot start" in done.stderr and b"ddress already in use" in done.stderr
+    assert b"worker 0 started" in done.stderr  # the workers had been started ...
+    assert not _worker_pids(harness.root)  # ... and none outlived the supervisor
