@@ -90,6 +90,7 @@ import dns.rcode
 import dns.rdatatype
 
 from .ports import free_port, port_is_open
+from .process import proc_stat, session_members, signal_session, stop_session
 
 __all__ = [
     "AuthoritativeDNS",
@@ -366,33 +367,6 @@ class Zone:
 # -- processes -----------------------------------------------------------------------
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, session id, start time) of a process, or None when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[3]), int(fields[19])
-
-
-def _alive(pid: int, start: int) -> bool:
-    st = _proc_stat(pid)
-    return st is not None and st[3] == start and st[0] != "Z"
-
-
-def _session_members(leader: int, leader_start: int) -> dict[int, int]:
-    """PID -> start time of the live processes in the session ``leader`` created."""
-    members: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        st = _proc_stat(int(name))
-        if st is not None and st[2] == leader and st[3] >= leader_start and st[0] != "Z":
-            members[int(name)] = st[3]
-    return members
-
-
 def _free_dns_port(hosts: Iterable[str]) -> int:
     """A port free for TCP (from :func:`free_port`) and for UDP on every one of ``hosts``."""
     for _ in range(32):
@@ -507,7 +481,7 @@ class AuthoritativeDNS:
         """PIDs of the live processes of this instance."""
         if self._proc is None:
             return []
-        return sorted(_session_members(self._proc.pid, self._proc_start))
+        return sorted(session_members(self._proc.pid, self._proc_start))
 
     def log_text(self) -> str:
         parts = []
@@ -600,55 +574,28 @@ class AuthoritativeDNS:
         proc = self._proc
         if proc is None:
             return
-        members = _session_members(proc.pid, self._proc_start)
         try:
-            for pid in members:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            survivors = stop_session(proc, self._proc_start, grace)
         finally:
             self._proc = None
             self._frozen = False
             self._configured = set()
             _running.discard(self)
-        members.update(_session_members(proc.pid, self._proc_start))
-        deadline = time.monotonic() + grace
-        leftovers = {p: s for p, s in members.items() if _alive(p, s)}
-        while leftovers and time.monotonic() < deadline:  # they exit after the main one
-            time.sleep(0.01)
-            leftovers = {p: s for p, s in leftovers.items() if _alive(p, s)}
-        for pid in leftovers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while leftovers and time.monotonic() < deadline:
-            leftovers = {p: s for p, s in leftovers.items() if _alive(p, s)}
-            time.sleep(0.01)
-        if leftovers:
-            raise DnsServerError(f"NSD processes survived SIGKILL: {sorted(leftovers)}")
+        if survivors:
+            raise DnsServerError(f"NSD processes survived SIGKILL: {survivors}")
 
     def freeze(self) -> None:
         """SIGSTOP every process of the instance: queries go unanswered (time out)."""
         if self._proc is None:
             raise DnsServerError("not running")
-        for pid in _session_members(self._proc.pid, self._proc_start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
+        signal_session(self._proc.pid, self._proc_start, signal.SIGSTOP)
         self._frozen = True
 
     def thaw(self) -> None:
         """Undo :meth:`freeze`; queries that arrived meanwhile are answered late."""
         if self._proc is None:
             return
-        for pid in _session_members(self._proc.pid, self._proc_start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        signal_session(self._proc.pid, self._proc_start, signal.SIGCONT)
         self._frozen = False
 
     def close(self) -> None:
@@ -747,7 +694,7 @@ class AuthoritativeDNS:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=self._workdir, start_new_session=True,
             )
-        stat = _proc_stat(proc.pid)
+        stat = proc_stat(proc.pid)
         self._proc = proc
         self._proc_start = stat[3] if stat is not None else 0
         self._configured = set(self._zones) | self._servfail
