@@ -6,7 +6,9 @@ The checks are computed once per transaction (`ctx.once`, scan once) and decided
 each tenant's policy (decide per tenant):
 
 * `spf` runs at MAIL: the MAIL FROM identity (RFC 7208 §2.4; postmaster@HELO for the
-  null sender) and the HELO identity (§2.3) are evaluated and recorded. Nothing is
+  null sender) and the HELO identity (§2.3) are evaluated and recorded. The HELO
+  identity depends only on the client and the HELO name, so it is evaluated once per
+  connection and name (`ctx.session_once`), again only after a temperror. Nothing is
   refused at MAIL: an aligned DKIM pass can still save the message (RFC 7489 §10.1), so
   the decision waits for the end of DATA. There, a tenant with `spf_fail_reject`
   refuses SPF `fail` without a DMARC pass with 550 5.7.23 (RFC 7372), and defers an
@@ -73,10 +75,18 @@ async def spf_of(ctx: Context) -> SpfResult:
 
 
 async def spf_helo_of(ctx: Context) -> SpfResult:
+    """The HELO identity's SPF result: evaluated once per connection and HELO name.
+
+    It depends only on the client address and the HELO name, so the transactions of one
+    connection share it (a temperror is evaluated again by the next transaction).
+    """
     session = ctx.session
-    return await ctx.once(SPF_HELO, lambda: check_helo(
-        _resolver(ctx), ip=session.client_ip, helo=session.helo or "",
-        receiver=ctx.services.hostname))
+    helo = session.helo or ""
+    return await ctx.once(SPF_HELO, lambda: ctx.session_once(
+        f"{SPF_HELO} {helo}",
+        lambda: check_helo(_resolver(ctx), ip=session.client_ip, helo=helo,
+                           receiver=ctx.services.hostname),
+        keep=lambda result: result.result != "temperror"))
 
 
 async def dkim_of(ctx: Context) -> list[DkimResult]:

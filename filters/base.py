@@ -184,6 +184,17 @@ class Context(Protocol):
         """
         ...
 
+    async def session_once(self, key: str, compute: Callable[[], Awaitable[T]],
+                           keep: Callable[[T], bool]) -> T:
+        """The connection's fact `key`, computed once for all its transactions.
+
+        For facts that depend only on the connection (client address, HELO name: put
+        the name in `key`). A result for which `keep` is false, or an exception, is
+        forgotten once it has been returned, so the next transaction computes it again
+        (a temporary DNS failure must not stick to the whole connection).
+        """
+        ...
+
     def fact(self, key: str) -> Any:
         """A fact computed earlier in the transaction (None if it was not)."""
 

@@ -101,6 +101,25 @@ class FilterContext:
         result: T = await asyncio.shield(task)
         return result
 
+    async def session_once(self, key: str, compute: Callable[[], Awaitable[T]],
+                           keep: Callable[[T], bool]) -> T:
+        facts = (self._session_results or self._results).facts
+        task = facts.get(key)
+        if task is None:
+            task = asyncio.ensure_future(compute())
+            facts[key] = task
+            task.add_done_callback(lambda done: self._forget_unless_kept(facts, key, done,
+                                                                         keep))
+        result: T = await asyncio.shield(task)
+        return result
+
+    @staticmethod
+    def _forget_unless_kept(facts: dict[str, Any], key: str, task: asyncio.Future[Any],
+                            keep: Callable[[Any], bool]) -> None:
+        unkept = task.cancelled() or task.exception() is not None or not keep(task.result())
+        if unkept and facts.get(key) is task:
+            del facts[key]
+
     def fact(self, key: str) -> Any:
         task = self._results.facts.get(key)
         if task is None and self._session_results is not None:

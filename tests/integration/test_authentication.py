@@ -15,13 +15,18 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from filters.authentication import SPF_HELO, spf_helo_of
+from filters.base import Results, Stage
+from filters.dns import AsyncResolver
 from gateway.dkim_signer import DkimSigner, arc_seal
+from gateway.pipeline import FilterContext
 from tests.peers.dns import AuthoritativeDNS
 from tests.support.node import NodeHarness
 from tests.support.smtp import RawSMTP, dot_stuff
@@ -323,3 +328,39 @@ async def test_arc_from_a_trusted_sealer_overrides_dmarc(  # type: ignore[no-unt
     if expected[0] == 250:
         results = auth_results(await delivered(harness, "alice@example.test"))
         assert "arc=pass" in results and "dmarc=fail" in results
+
+
+
+async def test_helo_spf_is_shared_by_a_connection_but_a_temperror_is_not(
+        zones: AuthoritativeDNS) -> None:
+    """The HELO identity's SPF is evaluated once per connection (it depends only on the
+    client and the HELO name); a temperror is evaluated again by the next transaction.
+
+    Filter level against NSD: the A-R field shows the HELO result only for a null-sender
+    transaction, so the node level would not tell a shared result from a fresh one.
+    """
+    zones.zone("other.example").add("@", "A", "127.0.0.1")  # no SPF record: "none"
+    zones.reload()
+    resolver = AsyncResolver(zones.nameservers, timeout=0.5, error_ttl=0)
+    services = SimpleNamespace(dns=resolver, hostname="mx.test.example")
+    session = SimpleNamespace(session_id="S1", client_ip="127.0.0.1", client_port=40000,
+                              helo="client.example", tls=False)
+    session_results = Results()
+
+    def transaction() -> FilterContext:
+        envelope = SimpleNamespace(sender="a@client.example", recipients=(),
+                                   current_recipient=None, size=0)
+        return FilterContext(Stage.MAIL, session, envelope, None, None, services,  # type: ignore[arg-type]
+                             Results(), session_results)
+
+    zones.stop()
+    first = await spf_helo_of(transaction())
+    zones.start()
+    second = transaction()
+    again = await spf_helo_of(second)
+    shared = await spf_helo_of(transaction())
+    assert (first.result, again.result, shared.result) == ("temperror", "pass", "pass")
+    assert shared is again  # the same evaluation, not a second one
+    assert second.fact(SPF_HELO) is again  # and each transaction has it for its A-R
+    session.helo = "other.example"  # a new EHLO name is a new evaluation
+    assert (await spf_helo_of(transaction())).result == "none"

@@ -390,3 +390,69 @@ def test_combine_is_the_most_cautious_common_answer(verdicts: dict[str, Action])
     for order in itertools.islice(itertools.permutations(verdicts), 6):
         assert combine_message_verdicts(
             {t: V[verdicts[t]] for t in order}).action is combined.action
+
+
+# -- session_once: facts shared by the transactions of one connection -----------------------
+
+
+def _txn_ctx(session_results: Results) -> FilterContext:
+    return FilterContext(Stage.MAIL, FakeSession(), FakeEnvelope(), None, None, None,
+                         Results(), session_results)
+
+
+async def test_session_once_computes_once_for_all_transactions() -> None:
+    session_results, calls = Results(), []
+
+    async def compute() -> str:
+        calls.append("x")
+        await asyncio.sleep(0)
+        return "pass"
+
+    first = await _txn_ctx(session_results).session_once("k", compute, keep=lambda r: True)
+    second = await _txn_ctx(session_results).session_once("k", compute, keep=lambda r: True)
+    assert (first, second, calls) == ("pass", "pass", ["x"])
+
+
+async def test_session_once_forgets_results_it_must_not_keep() -> None:
+    session_results, answers = Results(), iter(["temperror", "pass", "fail"])
+
+    async def compute() -> str:
+        return next(answers)
+
+    def keep(result: str) -> bool:
+        return result != "temperror"
+
+    got = [await _txn_ctx(session_results).session_once("k", compute, keep=keep)
+           for _ in range(3)]
+    # The temperror is returned to its transaction but recomputed by the next one; the
+    # pass then sticks for the rest of the connection.
+    assert got == ["temperror", "pass", "pass"]
+
+
+async def test_session_once_forgets_an_exception() -> None:
+    session_results, attempts = Results(), []
+
+    async def compute() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("resolver down")
+        return "pass"
+
+    with pytest.raises(OSError):
+        await _txn_ctx(session_results).session_once("k", compute, keep=lambda r: True)
+    assert await _txn_ctx(session_results).session_once("k", compute,
+                                                        keep=lambda r: True) == "pass"
+    assert len(attempts) == 2
+
+
+async def test_session_once_keys_are_separate() -> None:
+    session_results = Results()
+
+    async def make(value: str) -> str:
+        return value
+
+    ctx = _txn_ctx(session_results)
+    assert await ctx.session_once("spf_helo a.example", lambda: make("a"),
+                                  keep=lambda r: True) == "a"
+    assert await ctx.session_once("spf_helo b.example", lambda: make("b"),
+                                  keep=lambda r: True) == "b"
