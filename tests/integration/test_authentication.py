@@ -350,7 +350,7 @@ async def test_helo_spf_is_shared_by_a_connection_but_a_temperror_is_not(
     def transaction() -> FilterContext:
         envelope = SimpleNamespace(sender="a@client.example", recipients=(),
                                    current_recipient=None, size=0)
-        return FilterContext(Stage.MAIL, session, envelope, None, None, services,  # type: ignore[arg-type]
+        return FilterContext(Stage.MAIL, session, envelope, None, None, services,
                              Results(), session_results)
 
     zones.stop()
