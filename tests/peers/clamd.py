@@ -105,7 +105,7 @@ FixStaleSocket yes
 TCPSocket {port}
 TCPAddr {host}
 DatabaseDirectory {workdir}/db
-TemporaryDirectory {workdir}/tmp
+TemporaryDirectory {temp_dir}
 PidFile {workdir}/clamd.pid
 LogFile {workdir}/clamd.log
 LogTime yes
@@ -179,7 +179,9 @@ class Clamd:
     ``stream_max_length`` is clamd's StreamMaxLength in bytes. ``extra_signatures`` maps
     further signature names to byte patterns flagged anywhere in a file (reported with
     ``.UNOFFICIAL`` appended). ``extra_config`` is appended to clamd.conf. ``workdir``
-    defaults to a new temporary directory, removed by :meth:`close`.
+    defaults to a new temporary directory, removed by :meth:`close`. ``temp_dir`` is
+    clamd's TemporaryDirectory (default ``<workdir>/tmp``; the benchmark puts it on
+    tmpfs, as production setups do, since clamd writes every stream to a file there).
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class Clamd:
         max_threads: int = 4,
         extra_config: str = "",
         startup_timeout: float = 10.0,
+        temp_dir: Path | None = None,
     ) -> None:
         if stream_max_length <= 0:
             raise ValueError("stream_max_length must be a positive number of bytes")
@@ -203,6 +206,7 @@ class Clamd:
         self._stream_max_length = stream_max_length
         self._max_threads = max_threads
         self._extra_config = extra_config
+        self._temp_dir = temp_dir  # None: <workdir>/tmp
         self._startup_timeout = startup_timeout
         self._auto_port = port is None
         self._port = port if port is not None else free_port(HOST)
@@ -375,13 +379,15 @@ class Clamd:
     def _write_all(self) -> None:
         workdir = self._workdir
         (workdir / "db").mkdir(parents=True, exist_ok=True)
-        (workdir / "tmp").mkdir(exist_ok=True)
+        temp_dir = self._temp_dir or workdir / "tmp"
+        temp_dir.mkdir(parents=True, exist_ok=True)
         md5 = hashlib.md5(EICAR, usedforsecurity=False).hexdigest()
         (workdir / "db" / "mailedge.hdb").write_text(
             f"{md5}:{len(EICAR)}:Mailedge.Test.EICAR.HDB\n")
         (workdir / "db" / "mailedge.ndb").write_text("\n".join(self._signatures) + "\n")
         self.config_path.write_text(_CONFIG_TEMPLATE.format(
             socket_path=self.socket_path, port=self._port, host=HOST, workdir=workdir,
+            temp_dir=temp_dir,
             max_threads=self._max_threads, stream_max_length=self._stream_max_length,
             extra_config=self._extra_config))
 
