@@ -897,7 +897,9 @@ def chain_part(workdir: Path, sink: LmtpSink, opts: Options, recipients: Path,
             tenants, template="config/bench/mailedge-chain.toml",
             values={("dns", "nameservers"): json.dumps([f"127.0.0.1:{peers.dns.port}"]),
                     ("antivirus", "clamd"): json.dumps(f"unix:{peers.clamd.socket_path}"),
-                    ("antispam", "rspamd_url"): json.dumps(peers.rspamd.url)})
+                    # On one host a mail engineer would use the UNIX socket (as for
+                    # clamd); Postfix's milter connection is TCP (rspamd's proxy).
+                    ("antispam", "rspamd_url"): json.dumps(peers.rspamd.unix_url)})
         started.append(mailedge)
         servers: list[Server] = [postfix, mailedge]
         if opts.py_spy is not None:

@@ -152,7 +152,7 @@ class ChainPeers:
                     f"  apply {{\n    symbols_disabled = [{disabled}];\n  }}\n}}\n")
         self.rspamd = Rspamd(
             self.workdir / "rspamd", nameservers=[self.dns.address],
-            workers=self._rspamd_workers, dns_timeout=2.0,
+            workers=self._rspamd_workers, dns_timeout=2.0, unix_socket=True,
             local={"antivirus.conf": antivirus, "settings.conf": settings,
                    # Off: in rspamd 3.4 it disables SPF, DKIM and DMARC for every
                    # request, with or without the headers (its conditions end in

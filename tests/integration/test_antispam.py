@@ -68,6 +68,20 @@ async def test_gtube_is_rejected(rspamd_client: RspamdClient) -> None:
         "550 5.7.1 Message rejected as spam")
 
 
+async def test_scans_over_rspamds_unix_socket(rspamd: Rspamd) -> None:
+    """`rspamd_url = "unix:/path"`: the same answers as over TCP."""
+    client = RspamdClient(rspamd.unix_url, timeout=10, max_size=1 << 20)
+    try:
+        spam = await check(client, SPAM)
+        clean = await check(client, CLEAN)
+        again = await check(client, SPAM)
+    finally:
+        await client.aclose()
+    assert spam.action == "reject" and "GTUBE" in spam.symbols
+    assert clean.action == "no action" and "GTUBE" not in clean.symbols
+    assert again.action == "reject"
+
+
 async def test_clean_message_scores_low(rspamd_client: RspamdClient) -> None:
     result = await check(rspamd_client, CLEAN, spf="pass",
                          dkim=[("pass", "example.com")], dmarc="pass")

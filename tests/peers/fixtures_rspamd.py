@@ -51,7 +51,7 @@ def _start(instance: Rspamd) -> Rspamd:
 @pytest.fixture(scope="session")
 def rspamd_server() -> Iterator[Rspamd]:
     """One Rspamd for the session; use ``rspamd`` in tests (it checks its health)."""
-    instance = Rspamd()
+    instance = Rspamd(unix_socket=True)
     _start(instance)
     try:
         yield instance

@@ -321,6 +321,8 @@ class Rspamd:
     ``local`` and ``override`` add files to ``local.d/`` and ``override.d/`` (name ->
     UCL text), e.g. ``{"actions.conf": "reject = 20;"}``; they are written after ours, so
     a test can replace any of them.
+    ``unix_socket=True`` makes the normal worker listen on :attr:`socket_path` too
+    (:attr:`unix_url`).
     ``port`` is the normal worker's port (default: a free one), for a caller that must
     know it before the start (a proxy upstream, a second ``bind_socket``); it is kept when
     a start retries after "Address already in use" (only the controller moves), so a
@@ -340,6 +342,7 @@ class Rspamd:
         override: Mapping[str, str] | None = None,
         startup_timeout: float = 60.0,
         port: int | None = None,
+        unix_socket: bool = False,
     ) -> None:
         self._owns_workdir = workdir is None
         base = Path(workdir) if workdir is not None else Path(
@@ -349,6 +352,7 @@ class Rspamd:
         self._nameservers = tuple(nameservers) if nameservers is not None else None
         self._dns_timeout = dns_timeout
         self._workers = workers
+        self._unix_socket = unix_socket
         self._log_level = log_level
         self._local = dict(local or {})
         self._override = dict(override or {})
@@ -377,6 +381,18 @@ class Rspamd:
     def url(self) -> str:
         """Base URL of the normal worker, as ``RspamdClient`` takes it."""
         return f"http://{HOST}:{self._port}"
+
+    @property
+    def socket_path(self) -> Path:
+        """The normal worker's UNIX socket (listening only with ``unix_socket=True``)."""
+        return self.workdir / "run" / "normal.sock"
+
+    @property
+    def unix_url(self) -> str:
+        """``unix:`` URL of the normal worker's UNIX socket, as ``RspamdClient`` takes it."""
+        if not self._unix_socket:
+            raise RspamdError("this Rspamd was started without unix_socket=True")
+        return f"unix:{self.socket_path}"
 
     @property
     def controller_port(self) -> int:
@@ -572,7 +588,9 @@ class Rspamd:
         }
         override = {
             "worker-normal.inc": f'bind_socket = "{HOST}:{self._port}";\n'
-                                 f"count = {self._workers};\n",
+                                 + (f'bind_socket = "{self.socket_path} mode=0666";\n'
+                                    if self._unix_socket else "")
+                                 + f"count = {self._workers};\n",
             "worker-controller.inc": f'bind_socket = "{HOST}:{self._controller_port}";\n'
                                      f'count = 1;\nsecure_ip = "{HOST}";\n',
             "worker-proxy.inc": "count = 0;\n",
