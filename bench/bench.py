@@ -767,8 +767,11 @@ class ChainResult:
 
 def loadgen_send_argv(port: int, message: Path, sessions: int, messages: int,
                       keepalive: bool, pin: bool, timeout: float) -> list[str]:
+    # --unique: as with real mail, no message is byte-identical to another, so clamd
+    # cannot answer from its cache of clean hashes (it would for Postfix's rspamd, which
+    # sends the message without a per-message Received field, but not for mailedge).
     argv = [PYTHON, LOADGEN, "send", "--port", str(port), "--file", str(message),
-            "--sessions", str(sessions), "--messages", str(messages),
+            "--sessions", str(sessions), "--messages", str(messages), "--unique",
             "--rcpt-suffix", RCPT_SUFFIX, "--timeout", str(timeout)]
     if keepalive:
         argv.append("--keepalive")

@@ -8,7 +8,11 @@ by bench.py) to 127.0.0.1:PORT, like ``smtp-source`` but with a given file, whic
 smtp-source cannot send. Commands are sent one at a time and each reply read before the
 next (no pipelining: smtp-source does the same). Each message goes to R recipients
 ``{n}<suffix>`` with n counting 1, 2, 3, ... over the whole run (smtp-source ``-N``
-numbering), so every recipient is a distinct mailbox. With ``--keepalive`` a session
+numbering), so every recipient is a distinct mailbox. With ``--unique`` every message
+starts with its own ``X-Bench-Id: <random run token>.<n>`` field (not DKIM-signed, so the
+signature still verifies): like real mail, no two messages are byte-identical, and no
+scanner can answer from a cache of earlier identical content (clamd caches clean results
+by hash). With ``--keepalive`` a session
 sends many messages over one connection, otherwise one per connection. A session stops
 at its first non-2xx/3xx reply or error; the others go on. Prints one JSON object:
 ``sent`` (messages that got 250 after the dot), ``errors`` (count), ``first_errors``,
@@ -34,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import socket
 import sys
@@ -67,6 +72,8 @@ class Sender:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.body = stuffed(Path(args.file).read_bytes())
+        self.token = os.urandom(8).hex()
+        self.sequence = 0
         self.remaining = args.messages
         self.next_rcpt = 1
         self.sent = 0
@@ -133,6 +140,9 @@ class Sender:
             if line[:1] not in (b"2", b"3"):
                 self._error(f"{command.decode()}: {line.decode(errors='replace').strip()}")
                 return False
+        if args.unique:
+            self.sequence += 1
+            writer.write(b"X-Bench-Id: %s.%d\r\n" % (self.token.encode(), self.sequence))
         writer.write(self.body)
         line = await _reply(reader)
         if not line.startswith(b"250"):
@@ -287,6 +297,8 @@ def main() -> int:
     send.add_argument("--sender", default="sender@client.example")
     send.add_argument("--helo", default="client.example")
     send.add_argument("--keepalive", action="store_true")
+    send.add_argument("--unique", action="store_true",
+                      help="make every message unique (an X-Bench-Id field on top)")
     send.add_argument("--timeout", type=float, default=300.0)
     idle = sub.add_parser("idle")
     idle.add_argument("--host", default="127.0.0.1")
