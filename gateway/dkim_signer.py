@@ -49,10 +49,10 @@ printable ASCII or with ":", ";" or "="; an identity local part with ";", "=",
 whitespace or controls. A message whose header block has a continuation line before the
 first field is a SigningError (dkimpy raised IndexError there).
 
-Measured per message on the project's 2-vCPU VM (bench.py --only dkim, median of 1000;
-2 KB / 50 KB): RSA-2048 0.79 / 0.89 ms, of which the private-key operation is 0.75 ms;
-Ed25519 0.07 / 0.16 ms. Before (through dkimpy): RSA-2048 0.92 / 1.17 ms, Ed25519
-0.18 / 0.44 ms.
+Measured per message on the project's 2-vCPU VM (bench.py --only dkim, median of 1000
+signatures; 2 KB / 50 KB): RSA-2048 0.78 / 0.88 ms (CPU 0.81 / 0.90), of which the
+private-key operation is 0.75 ms; Ed25519 0.065 / 0.16 ms. Through dkimpy it was
+0.91 / 1.21 ms and 0.17 / 0.46 ms. docs/performance.md has the breakdown.
 
 `arc_seal(...)` adds the next ARC set (RFC 8617) to a message: ARC-Seal,
 ARC-Message-Signature and ARC-Authentication-Results, returned in that order, to be
