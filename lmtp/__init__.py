@@ -19,7 +19,13 @@ The package uses the standard library only and imports nothing from the gateway.
 """
 
 from .client import DEFAULT_LHLO_NAME, DEFAULT_TIMEOUTS, LmtpConnection, LmtpTimeouts
-from .dotstuff import decode_data, encode_data, normalise_line_endings, normalise_message
+from .dotstuff import (
+    CrlfBytes,
+    decode_data,
+    encode_data,
+    normalise_line_endings,
+    normalise_message,
+)
 from .errors import (
     ConnectError,
     ConnectionLost,
@@ -55,6 +61,7 @@ __all__ = [
     "ConnectError",
     "ConnectionClosed",
     "ConnectionLost",
+    "CrlfBytes",
     "Endpoint",
     "Event",
     "ExtensionNotSupported",

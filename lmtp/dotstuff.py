@@ -12,19 +12,36 @@ terminator.
 Both work on the whole buffer with `bytes.replace`/`bytes.count` (C loops), never line
 by line in Python: the common case, a message whose lines already end in CRLF, costs three
 counts and one replace (which copies only if some line starts with a dot) -- about
-0.1 ms for 50 KB on the project's reference machine.
+0.1 ms for 50 KB on the project's reference machine. A `CrlfBytes` message (line endings
+already vouched for) skips the counts.
 """
 
 from __future__ import annotations
 
-__all__ = ["decode_data", "encode_data", "normalise_line_endings", "normalise_message"]
+__all__ = ["CrlfBytes", "decode_data", "encode_data", "normalise_line_endings",
+           "normalise_message"]
 
 _CRLF = b"\r\n"
 _TERMINATOR = b".\r\n"
 
 
+class CrlfBytes(bytes):
+    """Bytes whose line endings are known to be CRLF only (no bare CR, no bare LF).
+
+    Whoever builds one vouches for it (the gateway does so for a message its SMTP side
+    normalised, plus header fields it added and checked); `normalise_line_endings`, and
+    so `encode_data`, then skip their three scans over the whole message (about 75 µs
+    of a 50 KB message's CPU). Any derived value (a slice, a concatenation) is plain
+    `bytes` again and scanned as usual.
+    """
+
+    __slots__ = ()
+
+
 def normalise_line_endings(message: bytes) -> bytes:
     """Make every line ending CRLF: a bare LF or a bare CR becomes CRLF."""
+    if type(message) is CrlfBytes:
+        return message
     cr = message.count(b"\r")
     lf = message.count(b"\n")
     if cr == 0:

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmtp.dotstuff import decode_data, encode_data, normalise_line_endings, normalise_message
+from lmtp.dotstuff import (
+    CrlfBytes,
+    decode_data,
+    encode_data,
+    normalise_line_endings,
+    normalise_message,
+)
 
 ENCODE_CASES = [
     (b"", b".\r\n"),
@@ -149,3 +155,24 @@ def test_normalise_is_idempotent(message: bytes) -> None:
     once = normalise_message(message)
     assert normalise_message(once) == once
     assert encode_data(once) == encode_data(message)
+
+
+# -- CrlfBytes: line endings vouched for by the caller --------------------------------------
+
+_LINE = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@given(st.lists(_LINE, max_size=20), st.booleans())
+def test_vouched_crlf_message_encodes_the_same(lines: list[bytes], terminated: bool) -> None:
+    message = b"\r\n".join(lines) + (b"\r\n" if terminated and lines else b"")
+    assert encode_data(CrlfBytes(message)) == encode_data(message)
+    assert normalise_line_endings(CrlfBytes(message)) == message
+
+
+def test_vouched_message_is_not_scanned_and_derived_bytes_are() -> None:
+    # The marker is a promise: encode_data trusts it (so only code that checked may
+    # build one), and anything derived from it is plain bytes, scanned again.
+    assert encode_data(CrlfBytes(b"a\nb")) == b"a\nb\r\n.\r\n"
+    derived = CrlfBytes(b"a\r\n") + b"b\n"
+    assert type(derived) is bytes
+    assert encode_data(derived) == b"a\r\nb\r\n.\r\n"
