@@ -11,8 +11,9 @@ Writing it goes:
 and only when the directory sync that covers the rename has finished does `commit`
 return, so the SMTP reply 250 is sent after the data and its name are both durable.
 
-Group commit: file writes and their fsyncs run concurrently in a thread pool (the
-file system's journal merges concurrent syncs), and one directory fsync covers every
+Group commit: file writes and their fsyncs run concurrently in a few threads
+(gateway/spool_threads.py, which hands calls over in batches; the file system's
+journal merges concurrent syncs), and one directory fsync covers every
 rename that finished before it started. A commit waits for the first directory sync
 that *started after* its own rename; whoever arrives while one is running waits for
 the next, which then covers all of them. So N messages arriving together cost N file
@@ -39,13 +40,13 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 import msgspec
 
 from gateway.ownership import SlotOwnership
+from gateway.spool_threads import BatchThreads
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -211,7 +212,7 @@ class QueueIdFactory:
 class Spool:
     """The node's spool directory; see the module docstring for the protocol."""
 
-    def __init__(self, root: Path, *, fs: SpoolFS | None = None, threads: int = 32,
+    def __init__(self, root: Path, *, fs: SpoolFS | None = None, threads: int = 4,
                  owner: SlotOwnership | None = None) -> None:
         self.root = root
         self.fs = fs or SpoolFS()
@@ -223,15 +224,14 @@ class Spool:
         self.corrupt_dir = root / "corrupt"
         for directory in (self.tmp_dir, self.queue_dir, self.corrupt_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="spool")
+        self._threads = BatchThreads(threads, "spool")
         # Group commit bookkeeping (event loop thread only).
         self._renamed = 0  # renames completed so far (a sequence number)
         self._synced = 0  # renames covered by a finished directory sync
         self._dir_sync: asyncio.Future[None] | None = None
 
     async def _run(self, fn: Callable[..., R], *args: object) -> R:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)
+        return await self._threads.run(fn, *args)
 
     def msg_path(self, queue_id: str) -> Path:
         return self.queue_dir / f"{queue_id}.msg"
@@ -347,7 +347,7 @@ class Spool:
                 os.replace(path, self.corrupt_dir / path.name)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._threads.close()
 
 
 def parse_entry(raw: bytes, queue_id: str) -> tuple[Envelope, bytes]:
