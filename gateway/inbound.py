@@ -57,7 +57,7 @@ from gateway.session import (
     header_end,
 )
 from gateway.spool import Envelope, QueueIdFactory, Spool, SpoolError, SpoolFull, SpoolRecipient
-from lmtp import CrlfBytes
+from lmtp import CrlfBytes, DotFreeCrlfBytes
 from tenant_api_client import Recipient, Tenant, TenantDirectory, Unavailable, Unknown
 
 log = logging.getLogger(__name__)
@@ -303,8 +303,9 @@ class Inbound:
         """Decide per tenant, write every copy durably, then (and only then) accept.
 
         `content` is unstuffed and has CRLF line endings only: the SMTP side normalised
-        it or refused it (RFC 5321 §2.3.8). Copies whose added header fields are CRLF-clean
-        too are queued as `CrlfBytes`, so the LMTP side need not scan them again.
+        it or refused it (RFC 5321 §2.3.8), and says so by its type (CrlfBytes). Copies
+        whose added header fields are CRLF-clean too keep that type, so the LMTP side
+        need not scan them again.
         """
         started = time.perf_counter()
         queue_id = self.ids.new()
@@ -494,12 +495,15 @@ class Inbound:
 
 
 def _vouched(message: bytes, content: bytes) -> bytes:
-    """`message` as CrlfBytes when its header section is CRLF-clean, else unchanged.
+    """`message` typed as its line endings and dot lines allow, else unchanged.
 
     A copy is header fields of ours above `content`'s header and body (the body is
-    never changed), and `content` is CRLF-clean (see `Inbound.data`): checking the
-    header section, a few hundred bytes, vouches for the whole message.
+    never changed). When the SMTP side typed `content` as CrlfBytes (or
+    DotFreeCrlfBytes), checking the header section, a few hundred bytes, vouches for
+    the whole message; the LMTP side then skips its scans.
     """
+    if not isinstance(content, CrlfBytes):
+        return message
     head_size = header_end(message)
     if len(message) - head_size != len(content) - header_end(content):
         return message  # not the shape described above: let the LMTP side scan it
@@ -507,6 +511,9 @@ def _vouched(message: bytes, content: bytes) -> bytes:
     crlf = head.count(b"\r\n")
     if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
         return message
+    if (type(content) is DotFreeCrlfBytes and not head.startswith(b".")
+            and b"\r\n." not in head):
+        return DotFreeCrlfBytes(message)
     return CrlfBytes(message)
 
 

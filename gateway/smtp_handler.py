@@ -45,6 +45,7 @@ from gateway.config import InboundSettings
 from gateway.inbound import Inbound
 from gateway.metrics import Metrics
 from gateway.session import Session, Transaction, new_session_id
+from lmtp import CrlfBytes, DotFreeCrlfBytes
 
 log = logging.getLogger(__name__)
 
@@ -572,10 +573,7 @@ class GatewaySMTP(AioSMTP):
                 return None
             log.info("session=%s DATA had bare CR or LF: normalised", self.gw.session_id)
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        # RFC 5321 §4.5.2: remove the transparency dot at the start of a line.
-        if data.startswith(b".."):
-            data = data[1:]
-        return data.replace(b"\r\n..", b"\r\n.")
+        return unstuffed(data)
 
     async def cmd_RSET(self, arg: str) -> None:
         if arg:
@@ -633,3 +631,14 @@ class Listener:
                 session._writer.write(b"421 4.3.2 Service shutting down\r\n")
                 session.transport.close()
         await asyncio.sleep(0)
+
+
+def unstuffed(data: bytes) -> CrlfBytes:
+    """The message in CRLF-only DATA `data`, its transparency dots removed (RFC 5321
+    §4.5.2), typed by what is now known of it: CrlfBytes, or DotFreeCrlfBytes when no
+    line starts with a dot (so the LMTP side has nothing to stuff either)."""
+    if data.startswith(b".."):
+        data = data[1:]
+    if b"\r\n." in data:  # the usual message has none: one scan, no copy
+        return CrlfBytes(data.replace(b"\r\n..", b"\r\n."))
+    return CrlfBytes(data) if data.startswith(b".") else DotFreeCrlfBytes(data)

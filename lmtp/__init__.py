@@ -21,6 +21,7 @@ The package uses the standard library only and imports nothing from the gateway.
 from .client import DEFAULT_LHLO_NAME, DEFAULT_TIMEOUTS, LmtpConnection, LmtpTimeouts
 from .dotstuff import (
     CrlfBytes,
+    DotFreeCrlfBytes,
     decode_data,
     encode_data,
     normalise_line_endings,
@@ -62,6 +63,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionLost",
     "CrlfBytes",
+    "DotFreeCrlfBytes",
     "Endpoint",
     "Event",
     "ExtensionNotSupported",

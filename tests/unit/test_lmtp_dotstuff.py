@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from lmtp.dotstuff import (
     CrlfBytes,
+    DotFreeCrlfBytes,
     decode_data,
     encode_data,
     normalise_line_endings,
@@ -176,3 +177,9 @@ def test_vouched_message_is_not_scanned_and_derived_bytes_are() -> None:
     derived = CrlfBytes(b"a\r\n") + b"b\n"
     assert type(derived) is bytes
     assert encode_data(derived) == b"a\r\nb\r\n.\r\n"
+
+
+@given(st.lists(_LINE.filter(lambda line: not line.startswith(b".")), max_size=20))
+def test_dot_free_message_encodes_the_same(lines: list[bytes]) -> None:
+    message = b"".join(line + b"\r\n" for line in lines)
+    assert encode_data(DotFreeCrlfBytes(message)) == encode_data(message)
