@@ -57,7 +57,7 @@ from gateway.session import (
     header_end,
 )
 from gateway.spool import Envelope, QueueIdFactory, Spool, SpoolError, SpoolFull, SpoolRecipient
-from lmtp import CrlfBytes, DotFreeCrlfBytes
+from lmtp import CrlfBytes, DotFreeCrlfBytes, crlf_only
 from tenant_api_client import Recipient, Tenant, TenantDirectory, Unavailable, Unknown
 
 log = logging.getLogger(__name__)
@@ -508,8 +508,7 @@ def _vouched(message: bytes, content: bytes) -> bytes:
     if len(message) - head_size != len(content) - header_end(content):
         return message  # not the shape described above: let the LMTP side scan it
     head = message[:head_size]
-    crlf = head.count(b"\r\n")
-    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+    if not crlf_only(head):
         return message
     if (type(content) is DotFreeCrlfBytes and not head.startswith(b".")
             and b"\r\n." not in head):

@@ -45,7 +45,7 @@ from gateway.config import InboundSettings
 from gateway.inbound import Inbound
 from gateway.metrics import Metrics
 from gateway.session import Session, Transaction, new_session_id
-from lmtp import CrlfBytes, DotFreeCrlfBytes
+from lmtp import CrlfBytes, DotFreeCrlfBytes, crlf_only, normalise_line_endings
 
 log = logging.getLogger(__name__)
 
@@ -561,10 +561,8 @@ class GatewaySMTP(AioSMTP):
             await self.reply(replies.SIZE_EXCEEDED)
             return None
         data = b"".join(parts)
-        # RFC 5321 §2.3.8: CR and LF only as the CRLF pair. Count instead of scanning
-        # line by line: the counts agree exactly when there is no bare CR or LF.
-        crlf = data.count(b"\r\n")
-        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        # RFC 5321 §2.3.8: CR and LF only as the CRLF pair.
+        if not crlf_only(data):
             if self.settings.smuggling == "reject":
                 log.info("session=%s from=<%s> DATA refused: bare CR or LF",
                          self.gw.session_id, txn.sender_text)
@@ -572,7 +570,7 @@ class GatewaySMTP(AioSMTP):
                 await self.reply(replies.BARE_CR_LF_DATA)
                 return None
             log.info("session=%s DATA had bare CR or LF: normalised", self.gw.session_id)
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+            data = normalise_line_endings(data)
         return unstuffed(data)
 
     async def cmd_RSET(self, arg: str) -> None:

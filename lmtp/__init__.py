@@ -22,6 +22,7 @@ from .client import DEFAULT_LHLO_NAME, DEFAULT_TIMEOUTS, LmtpConnection, LmtpTim
 from .dotstuff import (
     CrlfBytes,
     DotFreeCrlfBytes,
+    crlf_only,
     decode_data,
     encode_data,
     normalise_line_endings,
@@ -85,6 +86,7 @@ __all__ = [
     "SessionReady",
     "State",
     "TransactionDone",
+    "crlf_only",
     "decode_data",
     "encode_data",
     "normalise_line_endings",

@@ -19,7 +19,7 @@ either) the stuffing pass as well.
 
 from __future__ import annotations
 
-__all__ = ["CrlfBytes", "DotFreeCrlfBytes", "decode_data", "encode_data",
+__all__ = ["CrlfBytes", "DotFreeCrlfBytes", "crlf_only", "decode_data", "encode_data",
            "normalise_line_endings", "normalise_message"]
 
 _CRLF = b"\r\n"
@@ -48,6 +48,16 @@ class DotFreeCrlfBytes(CrlfBytes):
     """
 
     __slots__ = ()
+
+
+def crlf_only(data: bytes) -> bool:
+    """True when every CR and every LF in `data` is part of a CRLF pair.
+
+    Three counts (C loops) instead of a scan line by line: they agree exactly when there
+    is no bare CR or LF.
+    """
+    crlf = data.count(_CRLF)
+    return data.count(b"\n") == crlf and data.count(b"\r") == crlf
 
 
 def normalise_line_endings(message: bytes) -> bytes:
