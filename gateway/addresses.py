@@ -67,6 +67,7 @@ the local part was quoted on the wire is kept (``quoted``) but not compared, sin
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -461,6 +462,16 @@ def parse_command_arg(
     address with :attr:`Address.needs_smtputf8` unless the SMTPUTF8 parameter is present
     (or call :func:`split_command_arg` first and decide before :func:`parse_path`).
     """
+    # Senders and recipients recur (the same mailboxes, message after message), and
+    # the result is immutable apart from the parameter list, which is copied.
+    address, params = _parsed_command_arg(arg, allow_null, smtputf8, separators,
+                                          allow_bare_postmaster)
+    return address, list(params)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parsed_command_arg(arg: str, allow_null: bool, smtputf8: bool, separators: str,
+                        allow_bare_postmaster: bool) -> tuple[Address | None, tuple[str, ...]]:
     _check_characters(arg, smtputf8=smtputf8)
     path, params = _split(arg)
     address = _parse_path(
@@ -469,4 +480,4 @@ def parse_command_arg(
         separators=separators,
         allow_bare_postmaster=allow_bare_postmaster,
     )
-    return address, params
+    return address, tuple(params)

@@ -83,6 +83,32 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
+class LineFormatter(logging.Formatter):
+    """`<date time,ms> LEVEL [tag] logger: message`, the date formatted once a second.
+
+    The same text as Formatter("%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"),
+    without its per-record strftime; records with exception or stack information take
+    the standard path.
+    """
+
+    def __init__(self, tag: str = "") -> None:
+        super().__init__(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+        self._tag = tag
+        self._second = -1
+        self._date = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        second = int(record.created)
+        if second != self._second:
+            self._date = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        record.message = record.getMessage()
+        return (f"{self._date},{int(record.msecs):03d} {record.levelname} {self._tag}"
+                f"{record.name}: {record.message}")
+
+
 def _setup_logging(level: str, process: str = "") -> None:
     """Log to stderr; `process` ("w1", "main") tells a node's processes apart."""
     tag = f"[{process}] " if process else ""
@@ -90,8 +116,7 @@ def _setup_logging(level: str, process: str = "") -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
     handler = BufferedStderrHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: "
-                                           "%(message)s"))
+    handler.setFormatter(LineFormatter(tag))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         handlers=[handler])
     # aiosmtpd logs every connection at INFO under "mail.log"; ours say the same with ids.

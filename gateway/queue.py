@@ -98,6 +98,9 @@ class QueueEntry:
     last_error: str = ""
     running: bool = False
     dropped: bool = False
+    # False only while no state log can exist for it: accepted by this process and
+    # never given a record (a recovered entry may have one).
+    state_logged: bool = True
 
     @property
     def id(self) -> str:
@@ -204,7 +207,7 @@ class Queue:
 
     def submit(self, envelope: Envelope, message: bytes) -> None:
         """A message just committed to the spool: attempt it at once, from memory."""
-        entry = QueueEntry(envelope, message=message)
+        entry = QueueEntry(envelope, message=message, state_logged=False)
         self.entries[entry.id] = entry
         self._update_gauges(entry)
         self._launch(entry)
@@ -325,6 +328,7 @@ class Queue:
         # synced record saying so first would only cost a file and an fsync: a crash
         # before the removal redelivers it either way (the LMTP window).
         if entry.pending() or entry.failed:
+            entry.state_logged = True  # even a failed append may have left a part
             try:
                 await self.spool.append_state(entry.id, *records)
             except OSError as exc:
@@ -346,7 +350,7 @@ class Queue:
                 log.exception("queue: %s DSN could not be queued; retrying later", entry.id)
                 self._schedule(entry, time.time() + self.backoff(entry.attempts))
                 return
-        await self.spool.remove(entry.id)
+        await self.spool.remove(entry.id, state=entry.state_logged)
         self.entries.pop(entry.id, None)
         # debug: every recipient's outcome was logged at info already, one line each.
         log.debug("queue=%s removed (done %d, failed %d)", entry.id, len(entry.done),

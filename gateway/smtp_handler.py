@@ -128,6 +128,8 @@ class GatewaySMTP(AioSMTP):
         self._closing = False
         self._idle_deadline = 0.0
         self._timer_at = float("inf")  # when the armed timer fires (inf: none armed)
+        # While DATA is read: the reply its current deadline earns, and its progress.
+        self._data_timeout: tuple[Reply, Transaction, int] | None = None
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -148,7 +150,7 @@ class GatewaySMTP(AioSMTP):
         the rest. The connection still closes `duration` seconds after the last reset.
         """
         loop = self.loop
-        deadline = loop.time() + (duration or self._timeout_duration)
+        deadline = loop.time() + (self._timeout_duration if duration is None else duration)
         self._idle_deadline = deadline
         if self._timeout_handle is not None and self._timer_at <= deadline:
             return  # the armed timer fires first and then looks at the deadline
@@ -177,10 +179,17 @@ class GatewaySMTP(AioSMTP):
 
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: the server may close after its timeout; say why first.
-        if self.gw is not None:
+        reply = replies.SESSION_TIMEOUT
+        if self._data_timeout is not None:  # a deadline of the DATA being read
+            reply, txn, size = self._data_timeout
+            if self.gw is not None:
+                log.info("session=%s from=<%s> DATA aborted after %d bytes: %s",
+                         self.gw.session_id, txn.sender_text, size, reply.text)
+        elif self.gw is not None:
             log.info("session=%s idle timeout", self.gw.session_id)
+        self._closing = True
         if self.transport is not None and not self.transport.is_closing():
-            self._writer.write(b"421 4.4.2 Timeout, closing connection\r\n")
+            self._writer.write(_WIRE.get(reply) or _encode(reply))
             self.transport.close()
 
     async def handle_exception(self, error: Exception) -> str:
@@ -515,45 +524,45 @@ class GatewaySMTP(AioSMTP):
         previous_ends_line = True
         started = time.monotonic()
         txn_deadline = txn.started + self.settings.max_transaction_time
-        while True:
-            now = time.monotonic()
-            rate_deadline = started + max(self.settings.data_rate_grace,
-                                          size / self.settings.min_data_rate
-                                          if self.settings.min_data_rate else float("inf"))
-            deadline = min(now + self.settings.command_timeout, txn_deadline, rate_deadline)
-            try:
-                async with asyncio.timeout(max(0.0, deadline - now)):
-                    try:
-                        chunk = await self._reader.readuntil(b".\r\n")
-                    except asyncio.LimitOverrunError as error:
-                        chunk = await self._reader.readexactly(error.consumed)
-            except TimeoutError:
-                reply = (replies.TRANSACTION_TOO_LONG if deadline == txn_deadline
-                         else replies.DATA_TOO_SLOW if deadline == rate_deadline
-                         else replies.SESSION_TIMEOUT)
-                log.info("session=%s from=<%s> DATA aborted after %d bytes: %s",
-                         self.gw.session_id, txn.sender_text, size, reply.text)
-                await self.reply_and_close(reply)
-                return None
-            self._reset_timeout()
-            ends = chunk.endswith(b".\r\n")
-            if ends and ((chunk == b".\r\n" and previous_ends_line)
-                         or chunk.endswith(b"\r\n.\r\n")):
-                body = chunk[:-3]
-                final = True
-            else:
-                body = chunk
-                final = False
-            size += len(body)
-            if not too_big:
-                if size > limit:
-                    too_big = True
-                    parts.clear()
-                else:
-                    parts.append(body)
-            if final:
-                break
-            previous_ends_line = chunk.endswith(b"\r\n")
+        # The session's one timer enforces the deadlines (no timeout context per read):
+        # when it fires, _timeout_cb sends the reply noted here and closes, and the
+        # pending read ends with IncompleteReadError.
+        try:
+            while True:
+                now = time.monotonic()
+                rate_deadline = started + max(self.settings.data_rate_grace,
+                                              size / self.settings.min_data_rate
+                                              if self.settings.min_data_rate else float("inf"))
+                deadline = min(now + self.settings.command_timeout, txn_deadline,
+                               rate_deadline)
+                self._data_timeout = (
+                    replies.TRANSACTION_TOO_LONG if deadline == txn_deadline
+                    else replies.DATA_TOO_SLOW if deadline == rate_deadline
+                    else replies.SESSION_TIMEOUT, txn, size)
+                self._reset_timeout(max(0.0, deadline - now))
+                try:
+                    chunk = await self._reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as error:
+                    chunk = await self._reader.readexactly(error.consumed)
+                final = chunk.endswith(b".\r\n") and (
+                    (chunk == b".\r\n" and previous_ends_line)
+                    or chunk.endswith(b"\r\n.\r\n"))
+                body = chunk[:-3] if final else chunk
+                size += len(body)
+                if not too_big:
+                    if size > limit:
+                        too_big = True
+                        parts.clear()
+                    else:
+                        parts.append(body)
+                if final:
+                    break
+                previous_ends_line = chunk.endswith(b"\r\n")
+        finally:
+            self._data_timeout = None
+        if self._closing:  # the timer fired as the last chunk came: it has answered
+            return None
+        self._reset_timeout()
         if too_big:
             log.info("session=%s from=<%s> DATA over size limit (%d > %d)", self.gw.session_id,
                      txn.sender_text, size, limit)

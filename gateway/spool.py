@@ -139,11 +139,17 @@ class SpoolFS:
         """Create `path`, write the chunks, fsync, close. Removes the file on failure."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            # One writev for all chunks: each system call here also hands the GIL
+            # back and forth with the event loop. A short write finishes chunk by chunk.
+            written = os.writev(fd, chunks)
             for chunk in chunks:
-                view = memoryview(chunk)
+                if written >= len(chunk):
+                    written -= len(chunk)
+                    continue
+                view = memoryview(chunk)[written:]
+                written = 0
                 while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                    view = view[os.write(fd, view):]
             if self.fsync_enabled:
                 os.fsync(fd)
         except BaseException:
@@ -288,13 +294,18 @@ class Spool:
         data = b"\n" + b"".join(_record_encoder.encode(record) + b"\n" for record in records)
         await self._run(self.fs.append_synced, self.state_path(queue_id), data)
 
-    async def remove(self, queue_id: str) -> None:
-        """Forget a finished message: the message first, then its state."""
-        await self._run(self._remove, queue_id)
+    async def remove(self, queue_id: str, *, state: bool = True) -> None:
+        """Forget a finished message: the message first, then its state log.
 
-    def _remove(self, queue_id: str) -> None:
+        `state=False` says no state log was ever written for it (the caller knows: a
+        message delivered at its first attempt), which saves a failing unlink.
+        """
+        await self._run(self._remove, queue_id, state)
+
+    def _remove(self, queue_id: str, state: bool = True) -> None:
         self.fs.unlink(self.msg_path(queue_id))
-        self.fs.unlink(self.state_path(queue_id))
+        if state:
+            self.fs.unlink(self.state_path(queue_id))
 
     def remove_sync(self, queue_id: str) -> None:
         self._remove(queue_id)

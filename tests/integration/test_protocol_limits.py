@@ -37,6 +37,7 @@ async def test_trickling_data_is_cut_off(node_factory) -> None:  # type: ignore[
             except TimeoutError:
                 continue
     assert reply is not None and (reply.code, reply.status) == (451, "4.4.2"), reply
+    assert "Data rate too low" in reply.text
     assert await client.closed()
     await client.close()
     assert harness.node is not None and not harness.node.queue.entries
@@ -53,7 +54,35 @@ async def test_transaction_time_limit(node_factory) -> None:  # type: ignore[no-
     await client.send(b"Subject: slow\r\n")
     reply = await client.read_reply(timeout=5)
     assert (reply.code, reply.status) == (451, "4.4.2")
+    assert "Transaction took too long" in reply.text
+    assert await client.closed()
     await client.close()
+    assert harness.node is not None and not harness.node.queue.entries
+
+
+async def test_silence_during_data_is_an_idle_timeout(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """No data for the command timeout after the 354: 421, closed, nothing queued; a
+    message completed just before still gets its 250 and the session goes on."""
+    harness: NodeHarness = await node_factory(overrides={"inbound": {
+        "command_timeout": 0.6, "min_data_rate": 0}})
+    client, _ = await RawSMTP.connect(harness.port)
+    await client.cmd("EHLO client.example")
+    first = await client.transaction("s@remote.example", ["alice@example.test"],
+                                     dot_stuff(message("in time")))
+    assert first.code == 250
+    await asyncio.sleep(0.3)  # within the timeout, counted from the last reply
+    await client.cmd("MAIL FROM:<s@remote.example>")
+    await client.cmd("RCPT TO:<alice@example.test>")
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(b"Subject: never finished\r\n")
+    started = time.monotonic()
+    reply = await client.read_reply(timeout=5)
+    assert (reply.code, reply.status) == (421, "4.4.2"), reply
+    assert 0.4 <= time.monotonic() - started < 3.0
+    assert await client.closed()
+    await client.close()
+    await harness.wait_empty()
+    assert len(harness.maildir_messages("alice@example.test")) == 1
 
 
 async def test_idle_timeout_says_421(node_factory) -> None:  # type: ignore[no-untyped-def]

@@ -21,11 +21,17 @@ LATER = Outcome(451, "4.4.1", "Later", "test")
 
 
 class FakeSpool:
-    async def append_state(self, queue_id: str, *records: StateRecord) -> None:
-        pass
+    """Records what the queue asks of the spool (no files: the spool has its own tests)."""
 
-    async def remove(self, queue_id: str) -> None:
-        pass
+    def __init__(self) -> None:
+        self.appended: list[str] = []
+        self.removed: list[tuple[str, bool]] = []
+
+    async def append_state(self, queue_id: str, *records: StateRecord) -> None:
+        self.appended.append(queue_id)
+
+    async def remove(self, queue_id: str, *, state: bool = True) -> None:
+        self.removed.append((queue_id, state))
 
     async def load(self, queue_id: str) -> tuple[Envelope, bytes]:
         return envelope(queue_id), b"m"
@@ -76,6 +82,25 @@ async def test_depth_gauges_follow_each_message() -> None:
     assert gauges(metrics) == recount(queue) == (0.0, 0.0)
     assert metrics.delivered.labels("acme")._value.get() == 3.0
     assert metrics.deferred.labels("acme")._value.get() == 2.0
+    await queue.stop()
+
+
+async def test_state_log_unlinked_only_when_one_may_exist() -> None:
+    """A message delivered at its first attempt never had a state log, so its removal
+    skips that unlink; one that was deferred (or deleted by an operator) has one."""
+    spool, router = FakeSpool(), ScriptedRouter()
+    queue = Queue(spool, router, QueueSettings(), Metrics())  # type: ignore[arg-type]
+    router.answer["later"] = LATER
+    router.answer["deleted"] = LATER
+    for queue_id in ("now", "later", "deleted"):
+        queue.submit(envelope(queue_id), b"m")
+    await queue.idle.wait()
+    assert spool.removed == [("now", False)]
+    assert sorted(spool.appended) == ["deleted", "later"]
+    del router.answer["later"]
+    await queue._attempt(queue.entries["later"])
+    assert await queue.delete("deleted")
+    assert spool.removed[1:] == [("later", True), ("deleted", True)]
     await queue.stop()
 
 

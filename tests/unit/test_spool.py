@@ -142,6 +142,60 @@ async def test_remove(spool: Spool) -> None:
     spool.remove_sync(env.id)
 
 
+class UnlinkCountingFS(SpoolFS):
+    def __init__(self) -> None:
+        super().__init__(fsync=False)
+        self.unlinked: list[str] = []
+
+    def unlink(self, path: Path) -> None:
+        self.unlinked.append(path.name)
+        super().unlink(path)
+
+
+async def test_remove_without_state_log_skips_only_its_unlink(spool_factory: object) -> None:
+    fs = UnlinkCountingFS()
+    spool: Spool = spool_factory(fs)  # type: ignore[operator]
+    env = envelope()
+    await spool.commit(env, MESSAGE)
+    await spool.remove(env.id, state=False)
+    assert fs.unlinked == [f"{env.id}.msg"]
+    assert files(spool.queue_dir) == []
+    logged = envelope()
+    await spool.commit(logged, MESSAGE)
+    await spool.append_state(logged.id, Attempt(at=1.0, next_at=2.0, count=1))
+    await spool.remove(logged.id)
+    assert fs.unlinked[1:] == [f"{logged.id}.msg", f"{logged.id}.state"]
+    assert files(spool.queue_dir) == []
+
+
+class ShortWritesFS(SpoolFS):
+    """The kernel may write less than asked: here at most 7 bytes per call."""
+
+    def write_synced(self, path: Path, chunks: Sequence[bytes]) -> None:
+        real_write, real_writev = os.write, os.writev
+
+        def short_write(fd: int, data: bytes) -> int:
+            return real_write(fd, bytes(data[:7]))
+
+        def short_writev(fd: int, buffers: Sequence[bytes]) -> int:
+            return real_write(fd, b"".join(buffers)[:7])
+
+        os.write, os.writev = short_write, short_writev  # type: ignore[assignment]
+        try:
+            super().write_synced(path, chunks)
+        finally:
+            os.write, os.writev = real_write, real_writev
+
+
+async def test_short_writes_still_write_everything(spool_factory: object) -> None:
+    spool: Spool = spool_factory(ShortWritesFS(fsync=False))  # type: ignore[operator]
+    env = envelope()
+    await spool.commit(env, MESSAGE)
+    spool.fs = SpoolFS(fsync=False)
+    loaded_env, loaded = await spool.load(env.id)
+    assert loaded == MESSAGE and loaded_env == env
+
+
 # -- the state log ---------------------------------------------------------------------------
 
 RECORDS = [
@@ -416,12 +470,17 @@ class FullDiskFS(SpoolFS):
 
     def write_synced(self, path: Path, chunks: Sequence[bytes]) -> None:
         error = self.errno
+        real_writev = os.writev
 
-        def filling_up() -> Iterator[bytes]:
-            yield chunks[0]  # the header line really reaches tmp/
+        def filling_up(fd: int, buffers: Sequence[bytes]) -> int:
+            os.write(fd, buffers[0])  # the header line really reaches tmp/
             raise OSError(error, os.strerror(error), str(path))
 
-        super().write_synced(path, filling_up())  # type: ignore[arg-type]
+        os.writev = filling_up  # type: ignore[assignment]
+        try:
+            super().write_synced(path, chunks)
+        finally:
+            os.writev = real_writev
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
