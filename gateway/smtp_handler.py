@@ -87,6 +87,10 @@ class GatewaySMTP(AioSMTP):
     """One instance per connection."""
 
     line_length_limit = STREAM_LIMIT
+    # asyncio.FlowControlMixin's state (not in typeshed), used by _send.
+    _paused: bool
+    _connection_lost: bool
+    _drain_helper: Callable[[], Awaitable[None]]
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's constructor finds smtp_*/auth_* methods and handler hooks through
@@ -139,8 +143,24 @@ class GatewaySMTP(AioSMTP):
         wire = _WIRE.get(reply)
         if wire is None:
             wire = _encode(reply)
-        self._writer.write(wire)
-        await self._writer.drain()
+        await self._send(wire)
+
+    async def _send(self, wire: bytes) -> None:
+        """Write to the client; wait only while the transport asks us to (flow control).
+
+        StreamWriter.drain() would do the same checks through three more calls per
+        reply; a closing transport or a lost connection still takes its path, which
+        raises for the caller.
+        """
+        writer = self._writer
+        transport = writer.transport
+        if transport.is_closing() or self._connection_lost:
+            writer.write(wire)
+            await writer.drain()
+            return
+        transport.write(wire)
+        if self._paused:
+            await self._drain_helper()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Move the idle deadline (before every command and every DATA chunk).
@@ -366,8 +386,7 @@ class GatewaySMTP(AioSMTP):
                 lines.append("STARTTLS")
             text = "\r\n".join(f"250-{line}" for line in lines[:-1]) + f"\r\n250 {lines[-1]}"
             wire = _EHLO[key] = (text + "\r\n").encode("utf-8")
-        self._writer.write(wire)
-        await self._writer.drain()
+        await self._send(wire)
 
     async def cmd_STARTTLS(self, arg: str) -> None:
         assert self.gw is not None

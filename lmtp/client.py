@@ -18,7 +18,9 @@ Invariants:
    connect, the greeting and LHLO (an overloaded backend that accepts but never greets
    counts as unreachable); *command* covers the replies to MAIL, RCPT, DATA (and a
    leading RSET), and QUIT; *data* covers writing the payload and reading every
-   per-recipient reply after it.
+   per-recipient reply after it. A transaction's deadlines are enforced by one timer
+   per connection that re-arms itself when it fires early (the connect and QUIT
+   phases use plain `asyncio.timeout`), so the usual transaction arms no timer at all.
 
 The socket side is a small `asyncio.Protocol` rather than streams: every byte received
 goes straight into the state machine, also while the connection sits idle in a pool, so
@@ -67,6 +69,7 @@ DEFAULT_LHLO_NAME: Final = "localhost"
 
 #: How long to wait for the socket to report closed after QUIT or an abort.
 _CLOSE_WAIT: Final = 1.0
+_NO_DEADLINE: Final = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,13 @@ class _SocketAdapter(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        # The deadline of the current phase (inf: none) and the one timer that
+        # enforces it. A timer armed for an earlier deadline looks again when it fires
+        # rather than being replaced, so a transaction usually arms none.
+        self._deadline = _NO_DEADLINE
+        self._expired = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _NO_DEADLINE
 
     # asyncio.Protocol callbacks
 
@@ -127,6 +137,9 @@ class _SocketAdapter(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._proto.eof_received:
             self._proto.receive_data(b"")
         self._wake()
@@ -145,6 +158,36 @@ class _SocketAdapter(asyncio.Protocol):
 
     # used by LmtpConnection
 
+    def set_deadline(self, seconds: float) -> None:
+        """From now on, waits end with TimeoutError once `seconds` have passed."""
+        deadline = self._loop.time() + seconds
+        self._deadline = deadline
+        self._expired = False
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return  # fires first, then re-arms for the rest
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def clear_deadline(self) -> None:
+        self._deadline = _NO_DEADLINE
+        self._expired = False
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, _NO_DEADLINE
+        deadline = self._deadline
+        if deadline == _NO_DEADLINE or self.lost:
+            return
+        if self._loop.time() < deadline:
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        self._expired = True
+        for waiter in (self._waiter, self._drain_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(TimeoutError())
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -152,6 +195,8 @@ class _SocketAdapter(asyncio.Protocol):
 
     async def wait_readable(self) -> None:
         """Wait until more bytes (or the end of the stream) have been fed in."""
+        if self._expired:
+            raise TimeoutError
         waiter = self._loop.create_future()
         self._waiter = waiter
         try:
@@ -166,6 +211,8 @@ class _SocketAdapter(asyncio.Protocol):
             raise ConnectionLost("connection closed before the write")
         transport.write(data)
         while self._paused and not self.lost:
+            if self._expired:
+                raise TimeoutError
             waiter = self._loop.create_future()
             self._drain_waiter = waiter
             try:
@@ -330,14 +377,14 @@ class LmtpConnection:
         adapter.busy = True
         phase = "command"
         try:
-            async with asyncio.timeout(self.timeouts.command):
-                await adapter.write(wire)
-                event = await self._next_event()
+            adapter.set_deadline(self.timeouts.command)
+            await adapter.write(wire)
+            event = await self._next_event()
             if isinstance(event, SendPayload):
                 phase = "data"
-                async with asyncio.timeout(self.timeouts.data):
-                    await adapter.write(event.data)
-                    event = await self._next_event()
+                adapter.set_deadline(self.timeouts.data)
+                await adapter.write(event.data)
+                event = await self._next_event()
             if not isinstance(event, TransactionDone):  # pragma: no cover - guarantee
                 raise RemoteProtocolError(f"expected the end of the transaction, got {event}")
         except TimeoutError:
@@ -358,6 +405,7 @@ class LmtpConnection:
             adapter.abort()  # cancelled mid-transaction: the dialogue is out of step
             raise
         finally:
+            adapter.clear_deadline()
             adapter.busy = False
         self.transactions += 1
         return list(event.results)

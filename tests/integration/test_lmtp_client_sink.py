@@ -517,6 +517,25 @@ async def test_large_message_goes_through_write_flow_control(server: ScriptedSer
     assert server.received[0].payload == encode_data(message)
 
 
+async def test_each_phase_gets_its_own_deadline(server: ScriptedServer) -> None:
+    """Replies that each come within the limit never time out, however long the
+    connection lives; an idle connection has no deadline at all."""
+    server.final_delay = 0.2  # each final reply within the 0.3 s data limit
+    async with await connect(server) as conn:
+        for _ in range(3):  # 0.6 s in all: twice the limit
+            assert codes(await conn.send("a@x", ["b@x"], MESSAGE)) == [250]
+        await asyncio.sleep(0.4)
+        assert conn.is_reusable
+        assert codes(await conn.send("a@x", ["b@x"], MESSAGE)) == [250]
+    server.final_delay = 0.0
+    server.hang_after_payload = True  # and a late deadline still fires
+    conn = await connect(server)
+    with pytest.raises(LmtpTimeout) as info:
+        await conn.send("a@x", ["b@x"], MESSAGE)
+    assert info.value.phase == "data"
+    await conn.aclose()
+
+
 async def test_server_that_stops_reading_the_payload_times_out(server: ScriptedServer) -> None:
     server.stall_after_354 = True
     conn = await connect(server)

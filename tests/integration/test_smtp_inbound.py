@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
+from unittest import mock
 
 import aiosmtplib
 import pytest
 
 from gateway.devcert import make_self_signed
+from gateway.smtp_handler import GatewaySMTP
 from tests.support.node import NodeHarness
 from tests.support.smtp import RawSMTP, dot_stuff, message
 
@@ -273,3 +277,34 @@ async def test_senders_cannot_forge_our_scan_headers(node: NodeHarness) -> None:
     assert b"X-Spam-Flag: NO" not in stored and b"X-Spam-Score: -100" not in stored
     assert b"X-Mailedge-Virus-Scan: clean" not in stored
     assert b"X-Other: kept" in stored and stored.endswith(b"\r\nHello.\r\n")
+
+
+async def test_replies_wait_for_a_client_that_does_not_read(node: NodeHarness) -> None:
+    """Flow control: a client pipelining far more commands than the socket buffers hold
+    replies for, and reading nothing for a while, still gets every reply, in order."""
+    assert node.node is not None
+    for server in node.node.servers:  # accepted sockets inherit the listener's buffer
+        for sock in server.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    paused = []
+    pause_writing = GatewaySMTP.pause_writing
+
+    def counting_pause(self: GatewaySMTP) -> None:
+        paused.append(self)
+        pause_writing(self)
+
+    client, _ = await RawSMTP.connect(node.port)
+    await client.cmd("EHLO client.example")
+    count = 30_000  # ~4 MB of replies: the server has to pause writing
+    with mock.patch.object(GatewaySMTP, "pause_writing", counting_pause):
+        client.writer.write(b"EHLO again.example\r\n" * count
+                            + b"MAIL FROM:<s@remote.example>\r\n")
+        await asyncio.sleep(0.5)
+        for _ in range(count):
+            assert (await client.read_reply()).code == 250
+    assert paused, "the server never had to wait for the client"
+    reply = await client.read_reply()
+    assert (reply.code, reply.status) == (250, "2.1.0")
+    reply = await client.cmd("RCPT TO:<alice@example.test>")
+    assert reply.code == 250
+    await client.close()
