@@ -153,7 +153,8 @@ class Inbound:
 
     async def closed(self, session: Session) -> None:
         """The connection ended (however): filters with a disconnect hook hear of it."""
-        await self.pipeline.session_closed(SessionView(session))
+        if self.pipeline.closers:
+            await self.pipeline.session_closed(SessionView(session))
 
     def tarpit(self, session: Session) -> float:
         """Seconds to delay replies to this client (reputation's tarpit fact), 0 if none."""

@@ -54,6 +54,11 @@ class TenantLabels:
 
 
 class Metrics:
+    def count_sessions(self, count: Callable[[], int]) -> None:
+        """Add a source of open sessions to mailedge_active_sessions, which sums them
+        when scraped (nothing to update per connection)."""
+        self._session_counts.append(count)
+
     def __init__(self, tenant_label_limit: int = 200) -> None:
         self.registry = CollectorRegistry()
         self.tenant = TenantLabels(tenant_label_limit)
@@ -62,6 +67,8 @@ class Metrics:
                                    registry=r)
         self.active_sessions = Gauge("mailedge_active_sessions", "Open SMTP sessions",
                                      registry=r)
+        self._session_counts: list[Callable[[], int]] = []
+        self.active_sessions.set_function(lambda: sum(c() for c in self._session_counts))
         self.accepted = Counter("mailedge_messages_accepted",
                                 "Message copies accepted (250) per tenant", ["tenant"],
                                 registry=r)

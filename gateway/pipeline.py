@@ -139,6 +139,13 @@ class Pipeline:
     def __init__(self, stages: Mapping[Stage, Sequence[Filter]], observe: Any = None) -> None:
         self.stages = {stage: tuple(stages.get(stage, ())) for stage in Stage}
         self._observe = observe  # callable(filter, stage, action, seconds) for metrics
+        # Each filter with a disconnect hook once, found here rather than per session.
+        closers: dict[int, Filter] = {}
+        for filters in self.stages.values():
+            for filt in filters:
+                if getattr(filt, "session_closed", None) is not None:
+                    closers.setdefault(id(filt), filt)
+        self.closers = tuple(closers.values())
 
     @classmethod
     def from_names(cls, names: Mapping[str, Sequence[str]], registry: Mapping[str, type[Filter]],
@@ -166,18 +173,12 @@ class Pipeline:
 
     async def session_closed(self, session: SessionInfo) -> None:
         """The disconnect hook: every filter with `session_closed` hears of it once."""
-        seen: set[int] = set()
-        for filters in self.stages.values():
-            for filt in filters:
-                hook = getattr(filt, "session_closed", None)
-                if hook is None or id(filt) in seen:
-                    continue
-                seen.add(id(filt))
-                try:
-                    await hook(session)
-                except Exception:
-                    log.warning("session=%s %s.session_closed failed", session.session_id,
-                                filt.name, exc_info=True)
+        for filt in self.closers:
+            try:
+                await filt.session_closed(session)  # type: ignore[attr-defined]
+            except Exception:
+                log.warning("session=%s %s.session_closed failed", session.session_id,
+                            filt.name, exc_info=True)
 
     def describe(self) -> str:
         lines = []

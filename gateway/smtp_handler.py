@@ -31,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import login_always_fail
 
 from filters.base import Reply
 from gateway import replies
@@ -75,12 +77,18 @@ _EHLO: dict[tuple[str, int, bool], bytes] = {}
 
 
 class _NoHooks:
-    """aiosmtpd finds hooks by name; we call gateway.inbound explicitly instead."""
+    """aiosmtpd's event handler slot: we call gateway.inbound explicitly instead."""
 
-    def __dir__(self) -> list[str]:
-        # aiosmtpd's constructor walks the handler's attributes too (inspect.getmembers
-        # and dir(), per connection); an empty answer is the truth and costs nothing.
-        return []
+
+_NO_HOOKS = _NoHooks()
+_LINES: dict[str, bytes] = {}  # greeting and HELO lines, encoded once
+
+
+def _line(text: str) -> bytes:
+    wire = _LINES.get(text)
+    if wire is None:
+        wire = _LINES[text] = f"{text}\r\n".encode()
+    return wire
 
 
 class GatewaySMTP(AioSMTP):
@@ -92,29 +100,46 @@ class GatewaySMTP(AioSMTP):
     _connection_lost: bool
     _drain_helper: Callable[[], Awaitable[None]]
 
-    def __dir__(self) -> list[str]:
-        # aiosmtpd's constructor finds smtp_*/auth_* methods and handler hooks through
-        # dir() and inspect.getmembers() on every connection (~70 µs of CPU each). We
-        # dispatch commands ourselves (self.commands), so there is nothing for it to find.
-        return []
-
     def __init__(self, inbound: Inbound, settings: InboundSettings, metrics: Metrics,
                  tls_context: ssl.SSLContext | None, data_slots: asyncio.Semaphore,
                  active: Callable[[int], int], live: set[GatewaySMTP]) -> None:
-        super().__init__(
-            _NoHooks(),
-            data_size_limit=settings.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=settings.hostname,
-            ident="ESMTP mailedge",
-            tls_context=tls_context,
-            timeout=settings.command_timeout,
-            auth_require_tls=True,
-            # Protocols are made inside the running loop; without this aiosmtpd asks
-            # for the loop under warnings.catch_warnings() on every connection.
-            loop=asyncio.get_running_loop(),
-        )
+        # aiosmtpd's SMTP.__init__ would look for hooks and AUTH methods by name and
+        # format a log line on every connection; we dispatch ourselves, so this sets
+        # the state its plumbing (connection_made/lost, STARTTLS, PROXY) uses, with the
+        # values its __init__ gives for these arguments. tests/unit/test_smtp_protocol_init.py
+        # keeps the two in step.
+        loop = asyncio.get_running_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.__ident__ = "ESMTP mailedge"
+        self.loop = loop
+        self.event_handler = _NO_HOOKS
+        self.data_size_limit = settings.max_message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = settings.hostname or socket.getfqdn()
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and False
+        self._timeout_duration = settings.command_timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_methods = {}
+        self._handle_hooks = {}
+        self._ehlo_hook_ver = None
+        self._smtp_methods = {}
+        self._enforce_call_limit = False
         self.inbound = inbound
         self.settings = settings
         self.metrics = metrics
@@ -290,7 +315,7 @@ class GatewaySMTP(AioSMTP):
         tarpit = self.inbound.tarpit(self.gw)
         if tarpit:
             await asyncio.sleep(tarpit)
-        await self.push(f"220 {self.hostname} ESMTP mailedge")
+        await self._send(_line(f"220 {self.hostname} ESMTP mailedge"))
         self._reset_timeout()
         reader = self._reader
         while self.transport is not None and not self._closing:
@@ -374,7 +399,7 @@ class GatewaySMTP(AioSMTP):
         self.txn = None
         await self.inbound.helo(self.gw)
         if not esmtp:
-            await self.push(f"250 {self.hostname}")
+            await self._send(_line(f"250 {self.hostname}"))
             return
         starttls = self.tls_context is not None and not self.gw.tls
         key = (self.hostname, self.settings.max_message_size, starttls)
@@ -637,10 +662,10 @@ class Listener:
         self.data_slots = asyncio.Semaphore(settings.max_concurrent_data)
         self.sessions: set[GatewaySMTP] = set()
         self._count = 0
+        metrics.count_sessions(lambda: self._count)
 
     def active(self, delta: int) -> int:
-        self._count += delta
-        self.metrics.active_sessions.set(self._count)
+        self._count += delta  # the gauge reads it when scraped (Metrics.count_sessions)
         return self._count
 
     def __call__(self) -> GatewaySMTP:

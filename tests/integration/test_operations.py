@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.peers.dovecot import DovecotLmtp
-from tests.support.node import NodeHarness
+from tests.support.node import NodeHarness, wait_for
 from tests.support.smtp import RawSMTP, dot_stuff, message
 
 pytestmark = pytest.mark.integration
@@ -242,3 +242,23 @@ async def test_quarantine_offline_and_retention(node_factory) -> None:  # type: 
     another = await quarantined_copy(harness, "old")
     assert quarantine.purge({"globex": 1}, 30, now=time.time() + 2 * 86400) == 1
     assert another not in quarantine.ids("globex")
+
+
+async def test_active_sessions_gauge_counts_open_connections(node_factory) -> None:  # type: ignore[no-untyped-def]
+    harness: NodeHarness = await node_factory()
+    url = f"http://127.0.0.1:{harness.admin_port}/metrics"
+
+    async def active() -> float:
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            text = await response.text()
+        [line] = [x for x in text.splitlines() if x.startswith("mailedge_active_sessions ")]
+        return float(line.split()[1])
+
+    assert await active() == 0.0
+    clients = [(await RawSMTP.connect(harness.port))[0] for _ in range(3)]
+    assert await active() == 3.0
+    for client in clients:
+        await client.cmd("QUIT")
+        await client.close()
+    await wait_for(lambda: harness.node is not None and not harness.node.listener.sessions)
+    assert await active() == 0.0

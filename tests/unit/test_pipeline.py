@@ -456,3 +456,38 @@ async def test_session_once_keys_are_separate() -> None:
                                   keep=lambda r: True) == "a"
     assert await ctx.session_once("spf_helo b.example", lambda: make("b"),
                                   keep=lambda r: True) == "b"
+
+
+# -- the disconnect hook ----------------------------------------------------------------------
+
+
+async def test_session_closed_reaches_each_hooked_filter_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    heard: list[str] = []
+
+    class Hooked:
+        name = "hooked"
+        stages = frozenset({Stage.CONNECT, Stage.MAIL})
+        timeout = 1.0
+        on_error = Action.CONTINUE
+
+        async def check(self, ctx: Context) -> Verdict:
+            return CONTINUE
+
+        async def session_closed(self, session: Any) -> None:
+            heard.append(f"{self.name}:{session.session_id}")
+
+    class Broken(Hooked):
+        name = "broken"
+
+        async def session_closed(self, session: Any) -> None:
+            raise RuntimeError("hook failed")
+
+    hooked, broken, plain = Hooked(), Broken(), make_filter("plain")()
+    pipeline = Pipeline({Stage.CONNECT: [hooked, plain, broken], Stage.MAIL: [hooked]})
+    assert pipeline.closers == (hooked, broken)
+    with caplog.at_level(logging.WARNING):
+        await pipeline.session_closed(FakeSession())  # type: ignore[arg-type]
+    assert heard == ["hooked:S1"]  # once, though the filter runs at two stages
+    assert "S1 broken.session_closed failed" in caplog.text  # logged, not raised
+    assert Pipeline({Stage.RCPT: [plain]}).closers == ()
