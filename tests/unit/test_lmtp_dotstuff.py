@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from lmtp.dotstuff import (
     CrlfBytes,
     DotFreeCrlfBytes,
+    crlf_only,
     decode_data,
     encode_data,
     normalise_line_endings,
@@ -183,3 +184,38 @@ def test_vouched_message_is_not_scanned_and_derived_bytes_are() -> None:
 def test_dot_free_message_encodes_the_same(lines: list[bytes]) -> None:
     message = b"".join(line + b"\r\n" for line in lines)
     assert encode_data(DotFreeCrlfBytes(message)) == encode_data(message)
+
+
+# -- crlf_only ------------------------------------------------------------------------------
+
+
+def crlf_only_by_hand(data: bytes) -> bool:
+    """The definition, one byte at a time: every CR is followed by LF, every LF
+    follows a CR."""
+    for i, byte in enumerate(data):
+        if byte == 13 and data[i + 1:i + 2] != b"\n":
+            return False
+        if byte == 10 and (i == 0 or data[i - 1] != 13):
+            return False
+    return True
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b"", True), (b"no line end", True), (b"\r\n", True), (b"a\r\nb\r\n", True),
+    (b"\r\n\r\n", True), (b"\r", False), (b"\n", False), (b"a\rb", False),
+    (b"a\nb\r\n", False), (b"a\r\n\r", False), (b"\n\r", False), (b"\r\r\n", False),
+    (b"\r\n\n", False), (b"x\r\n.\r\n", True), (b"\xff\r\xe9\n", False),
+    (b"\x00\r\n\x85\x0b\x0c\x1c", True),  # NEL, VT, FF, FS: line ends to str, not here
+    (b"line\r\n" * 10_000 + b"bare\n", False), (b"line\r\n" * 10_000, True),
+])
+def test_crlf_only_table(data: bytes, expected: bool) -> None:
+    assert crlf_only(data) is expected
+    assert crlf_only_by_hand(data) is expected
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b".", b"\x85", b"\xff",
+                                 b"\x00", b"\x0b", b"\x0c", b"\x1c"]), max_size=40))
+def test_crlf_only_agrees_with_the_definition(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    assert crlf_only(data) == crlf_only_by_hand(data)
+    assert crlf_only(CrlfBytes(data)) == crlf_only_by_hand(data)
