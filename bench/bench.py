@@ -1366,6 +1366,9 @@ def raise_nofile(needed: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="the whole case matrix")
+    parser.add_argument("--case", action="append", default=None,
+                        help="run only this relay case of the whole matrix (repeatable), "
+                             "by its label, e.g. '1 KB c=20 r=1 1/conn'")
     parser.add_argument("--only", action="append", choices=PARTS, default=None,
                         help="run only this part (repeatable): dkim, relay (with the "
                              "latency run), chain, idle; default: all")
@@ -1424,6 +1427,13 @@ def main() -> int:
                    or (1000 if args.full else 300),
                    py_spy=chain_profile(args.py_spy) if args.py_spy else None)
     cases = full_cases(args.scale) if args.full else short_cases(args.scale)
+    if args.case:
+        cases = [c for c in full_cases(args.scale) if c.label in args.case]
+        unknown = set(args.case) - {c.label for c in cases}
+        if unknown:
+            print(f"bench: unknown --case {', '.join(sorted(unknown))}; cases are "
+                  f"labelled like {PEAK_CASE!r}", file=sys.stderr)
+            return 2
     if "relay" not in parts:
         cases = []
     tools = ["postfix", "postmap", "smtp-source", "smtp-sink"] + (["taskset"] if pin else [])
