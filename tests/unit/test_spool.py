@@ -142,29 +142,23 @@ async def test_remove(spool: Spool) -> None:
     spool.remove_sync(env.id)
 
 
-class UnlinkCountingFS(SpoolFS):
-    def __init__(self) -> None:
-        super().__init__(fsync=False)
-        self.unlinked: list[str] = []
-
-    def unlink(self, path: Path) -> None:
-        self.unlinked.append(path.name)
-        super().unlink(path)
-
-
 async def test_remove_without_state_log_skips_only_its_unlink(spool_factory: object) -> None:
-    fs = UnlinkCountingFS()
+    fs = RecordingFS(fsync=False)
     spool: Spool = spool_factory(fs)  # type: ignore[operator]
+
+    def unlinked() -> list[str]:
+        return [path.name for op, path in fs.ops if op == "unlink"]
+
     env = envelope()
     await spool.commit(env, MESSAGE)
     await spool.remove(env.id, state=False)
-    assert fs.unlinked == [f"{env.id}.msg"]
+    assert unlinked() == [f"{env.id}.msg"]
     assert files(spool.queue_dir) == []
     logged = envelope()
     await spool.commit(logged, MESSAGE)
     await spool.append_state(logged.id, Attempt(at=1.0, next_at=2.0, count=1))
     await spool.remove(logged.id)
-    assert fs.unlinked[1:] == [f"{logged.id}.msg", f"{logged.id}.state"]
+    assert unlinked()[1:] == [f"{logged.id}.msg", f"{logged.id}.state"]
     assert files(spool.queue_dir) == []
 
 
@@ -331,6 +325,10 @@ class RecordingFS(SpoolFS):
     def fsync_dir(self, path: Path) -> None:
         self.ops.append(("fsync_dir", path))
         super().fsync_dir(path)
+
+    def unlink(self, path: Path) -> None:
+        self.ops.append(("unlink", path))
+        super().unlink(path)
 
 
 async def test_one_commit_writes_renames_then_syncs_directory(spool_factory: object) -> None:
