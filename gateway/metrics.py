@@ -54,11 +54,6 @@ class TenantLabels:
 
 
 class Metrics:
-    def count_sessions(self, count: Callable[[], int]) -> None:
-        """Add a source of open sessions to mailedge_active_sessions, which sums them
-        when scraped (nothing to update per connection)."""
-        self._session_counts.append(count)
-
     def __init__(self, tenant_label_limit: int = 200) -> None:
         self.registry = CollectorRegistry()
         self.tenant = TenantLabels(tenant_label_limit)
@@ -98,6 +93,11 @@ class Metrics:
         self.spool_commit_seconds = Histogram(
             "mailedge_spool_commit_seconds", "Time from end of data to durable spool",
             registry=r, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
+
+    def count_sessions(self, count: Callable[[], int]) -> None:
+        """Add a source of open sessions to mailedge_active_sessions, which sums them
+        when scraped (nothing to update per connection)."""
+        self._session_counts.append(count)
 
     def reject(self, tenant: str | None, stage: str, reason: str) -> None:
         self.rejected.labels(self.tenant(tenant), stage, reason).inc()

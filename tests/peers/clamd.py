@@ -65,6 +65,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .ports import free_port
+from .process import terminate
 
 __all__ = [
     "EICAR",
@@ -327,16 +328,10 @@ class Clamd:
         if proc is None:
             return
         try:
-            if proc.poll() is None:
-                if self._frozen:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGCONT)
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            if proc.poll() is None and self._frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+            terminate(proc, grace)
         finally:
             self._proc = None
             self._frozen = False

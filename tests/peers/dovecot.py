@@ -79,6 +79,7 @@ from types import TracebackType
 from typing import IO
 
 from .ports import free_port
+from .process import alive, all_pids, kill_all, proc_stat
 
 __all__ = [
     "DEFAULT_MAILBOXES",
@@ -240,17 +241,6 @@ def dovecot_version() -> tuple[int, ...]:
     return tuple(int(part) for part in match.group(1).split("."))
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, starttime) of a process, or None when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name in parentheses may itself contain spaces and parentheses.
-    fields = raw[raw.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[19])
-
-
 def _proc_title(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode(
@@ -258,16 +248,6 @@ def _proc_title(pid: int) -> str:
         )
     except OSError:
         return ""
-
-
-def _alive(pid: int, start: int) -> bool:
-    """Whether the process ``pid`` that started at ``start`` still runs (zombies do not)."""
-    st = _proc_stat(pid)
-    return st is not None and st[2] == start and st[0] != "Z"
-
-
-def _all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
 def _probe_lhlo(host: str, port: int, timeout: float) -> list[str]:
@@ -448,7 +428,7 @@ class DovecotLmtp:
     def processes(self) -> list[int]:
         """PIDs of the live processes of this instance: the master and its services."""
         members = self._instance_processes(self._proc.pid if self._proc is not None else 0)
-        return sorted(pid for pid, start in members.items() if _alive(pid, start))
+        return sorted(pid for pid, start in members.items() if alive(pid, start))
 
     def log_text(self) -> str:
         """Everything Dovecot logged so far (handy in assertion messages)."""
@@ -708,18 +688,18 @@ class DovecotLmtp:
     def _instance_processes(self, master_pid: int) -> dict[int, int]:
         """PID -> start time of the master, its descendants and anything with our title."""
         title_prefix = self._title_prefix
-        stats = {pid: st for pid in _all_pids() if (st := _proc_stat(pid)) is not None}
+        stats = {pid: st for pid in all_pids() if (st := proc_stat(pid)) is not None}
         children: dict[int, list[int]] = {}
-        for pid, (_state, ppid, _start) in stats.items():
+        for pid, (_state, ppid, _sid, _start) in stats.items():
             children.setdefault(ppid, []).append(pid)
         members: dict[int, int] = {}
         todo = [master_pid]
         while todo:
             pid = todo.pop()
             if pid in stats and pid not in members:
-                members[pid] = stats[pid][2]
+                members[pid] = stats[pid][3]
                 todo.extend(children.get(pid, ()))
-        for pid, (_state, _ppid, start) in stats.items():
+        for pid, (_state, _ppid, _sid, start) in stats.items():
             if pid not in members and _proc_title(pid).startswith(title_prefix):
                 members[pid] = start
         return members
@@ -733,11 +713,11 @@ class DovecotLmtp:
         # quit) to notice on their own that it is gone, which takes up to seconds; they
         # do not handle SIGTERM, so it ends them at once, as shutdown_clients would.
         for pid, start in others.items():
-            if _alive(pid, start):
+            if alive(pid, start):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while others := {p: s for p, s in others.items() if _alive(p, s)}:
+        while others := {p: s for p, s in others.items() if alive(p, s)}:
             if time.monotonic() >= deadline:
                 for pid in others:
                     with contextlib.suppress(ProcessLookupError):
@@ -745,7 +725,7 @@ class DovecotLmtp:
                 deadline = time.monotonic() + 5  # SIGKILL cannot be ignored
             time.sleep(0.002)
         for pid, start in logs.items():
-            if _alive(pid, start):
+            if alive(pid, start):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
 
@@ -753,20 +733,13 @@ class DovecotLmtp:
         """SIGKILL whatever of this instance outlived its master, and wait until it is gone."""
         # Anything of this instance that appeared since (named by its title) counts too.
         title_prefix = self._title_prefix
-        for pid in _all_pids():
-            st = _proc_stat(pid)
+        for pid in all_pids():
+            st = proc_stat(pid)
             if st is not None and pid not in members and _proc_title(pid).startswith(
                 title_prefix
             ):
-                members[pid] = st[2]
-        leftovers = {pid: start for pid, start in members.items() if _alive(pid, start)}
-        for pid in leftovers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while leftovers and time.monotonic() < deadline:
-            leftovers = {pid: s for pid, s in leftovers.items() if _alive(pid, s)}
-            time.sleep(0.01)
+                members[pid] = st[3]
+        leftovers = kill_all(members)
         if leftovers:
             raise DovecotError(f"processes of {self._instance_name} survived SIGKILL: "
                                f"{sorted(leftovers)}")

@@ -1,4 +1,5 @@
-"""Process bookkeeping for peers that run as a session of processes (NSD, rspamd).
+"""Process bookkeeping for the test peers (sessions of processes: NSD, rspamd; single
+processes: clamd, Redis; Dovecot's master and services).
 
 A peer is started with `start_new_session=True`, so every process it forks belongs to
 the session its first process leads. Each process is named by (pid, start time), so a
@@ -32,16 +33,42 @@ def alive(pid: int, start: int) -> bool:
     return st is not None and st[3] == start and st[0] != "Z"
 
 
+def all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
 def session_members(leader: int, leader_start: int) -> dict[int, int]:
     """PID -> start time of the live processes in the session `leader` created."""
     members: dict[int, int] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        st = proc_stat(int(name))
+    for pid in all_pids():
+        st = proc_stat(pid)
         if st is not None and st[2] == leader and st[3] >= leader_start and st[0] != "Z":
-            members[int(name)] = st[3]
+            members[pid] = st[3]
     return members
+
+
+def terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM (if still running), `grace` seconds to exit, then SIGKILL; reaped."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def kill_all(processes: dict[int, int]) -> list[int]:
+    """SIGKILL the live ones of (pid -> start time) and wait for them; the survivors."""
+    leftovers = {p: s for p, s in processes.items() if alive(p, s)}
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while leftovers and time.monotonic() < deadline:
+        leftovers = {p: s for p, s in leftovers.items() if alive(p, s)}
+        time.sleep(0.01)
+    return sorted(leftovers)
 
 
 def signal_session(leader: int, leader_start: int, sig: signal.Signals) -> None:
@@ -62,24 +89,11 @@ def stop_session(proc: subprocess.Popen[bytes], start: int, grace: float) -> lis
     for pid in members:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+    terminate(proc, grace)
     members.update(session_members(proc.pid, start))
     deadline = time.monotonic() + grace
     leftovers = {p: s for p, s in members.items() if alive(p, s)}
     while leftovers and time.monotonic() < deadline:
         time.sleep(0.01)
         leftovers = {p: s for p, s in leftovers.items() if alive(p, s)}
-    for pid in leftovers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while leftovers and time.monotonic() < deadline:
-        leftovers = {p: s for p, s in leftovers.items() if alive(p, s)}
-        time.sleep(0.01)
-    return sorted(leftovers)
+    return kill_all(leftovers)

@@ -58,6 +58,7 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from .ports import free_port
+from .process import terminate
 
 __all__ = [
     "RedisError",
@@ -240,15 +241,9 @@ class _RedisProcess:
         if proc is None:
             return
         try:
-            if proc.poll() is None:
-                if self._frozen:
-                    proc.send_signal(signal.SIGCONT)
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+            if proc.poll() is None and self._frozen:
+                proc.send_signal(signal.SIGCONT)
+            terminate(proc, grace)
         finally:
             self._proc = None
             self._frozen = False
